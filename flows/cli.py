@@ -1,0 +1,272 @@
+"""`vimpac`: the command line. Heavy imports (prefect, mlflow) happen only in the commands that
+run flows, after the data root's environment is set, so `vimpac sql` and `vimpac status`
+answer in well under a second."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+from stages.config import (
+    STAGES,
+    ConfigError,
+    DatasetConfig,
+    PipelineConfig,
+    build,
+    load_pipeline_file,
+    preset,
+    resolve_pipeline,
+)
+from warehouse.layout import DataRoot
+
+STATUS_SQL = {
+    "datasets": """
+        SELECT dataset, count(*) AS videos,
+               count(*) FILTER (WHERE status = 'ok') AS ok,
+               count(*) FILTER (WHERE status = 'failed') AS failed,
+               count(*) FILTER (WHERE status = 'duplicate') AS duplicate,
+               count(DISTINCT label) AS classes,
+               round(sum(duration_s) FILTER (WHERE status = 'ok') / 60, 1) AS minutes,
+               round(sum(bytes) FILTER (WHERE status = 'ok') / 1048576, 1) AS mb
+        FROM videos GROUP BY dataset ORDER BY dataset""",
+    "units of work": """
+        SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
+               max(created_at) AS last_commit
+        FROM shards GROUP BY stage, dataset ORDER BY stage, dataset""",
+    "recent runs": """
+        SELECT run_id, stage, status, started_at, finished_at, mlflow_run_id
+        FROM runs ORDER BY started_at DESC LIMIT 8""",
+    "failures by cause": """
+        SELECT dataset, error_code, count(*) AS videos, any_value(error) AS example
+        FROM videos WHERE status = 'failed' GROUP BY dataset, error_code ORDER BY dataset, videos DESC""",
+}
+
+
+def _print_table(table, title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        t.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        t.add_row(*["" if v is None else str(v) for v in row.values()])
+    Console(width=max(120, Console().width)).print(t)
+
+
+def _emit(table, fmt: str) -> None:
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        sys.stdout.write(buf.getvalue().decode())
+    elif fmt == "json":
+        json.dump(table.to_pylist(), sys.stdout, default=str, indent=1)
+        sys.stdout.write("\n")
+    else:
+        _print_table(table)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from warehouse.catalog import Catalog
+
+    _emit(Catalog(args.home).query(args.query), args.format)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from warehouse.catalog import Catalog
+
+    catalog = Catalog(args.home)
+    print(f"data root: {catalog.root.home}")
+    for title, sql in STATUS_SQL.items():
+        table = catalog.query(sql)
+        if table.num_rows:
+            _print_table(table, title)
+    return 0
+
+
+def _flows(home: str | None):
+    """Set Prefect/MLflow state under the data root, then import the flows."""
+    from flows.env import configure_environment
+
+    root = configure_environment(home)
+    import flows.ingest
+    import flows.pipeline
+
+    return root, flows
+
+
+def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConfig:
+    if args.source:
+        fields = {"name": args.dataset, "source": args.source, "flip_sensitive": args.flip_sensitive}
+        if args.layout:
+            fields["layout"] = args.layout
+        return build(DatasetConfig, fields)
+    for ds in file_data.get("datasets") or []:
+        if isinstance(ds, dict) and ds.get("name") == args.dataset:
+            return build(DatasetConfig, ds)
+    raise ConfigError(f"dataset {args.dataset!r}: give --source, or a --config file that defines it")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.stage == "pipeline":
+        presets = {}
+        for item in args.preset or []:
+            stage, sep, name = item.partition("=")
+            if not sep:
+                raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
+            presets[stage] = name
+        cfg = resolve_pipeline(args.config, overrides, presets)
+        if not cfg.datasets:
+            raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
+        root, flows = _flows(args.home)
+        flows.pipeline.pipeline(cfg, str(root.home), args.force)
+        return 0
+    if not args.dataset:
+        raise ConfigError(f"vimpac run {args.stage} needs --dataset NAME")
+    file_data = load_pipeline_file(args.config) if args.config else {}
+    stage_data = dict(file_data.get(args.stage) or {})
+    if args.preset:
+        stage_data = preset(args.stage, args.preset[0]) | stage_data
+    # `--set batch_size=4` and `--set ingest.batch_size=4` both address the stage config.
+    stage_overrides = [o[len(args.stage) + 1 :] if o.startswith(args.stage + ".") else o for o in overrides]
+    cfg_model = PipelineConfig.model_fields[args.stage].annotation
+    stage_cfg = build(cfg_model, stage_data, stage_overrides)
+    dataset = _dataset_from_args(args, file_data)
+    root, flows = _flows(args.home)
+    summary = flows.ingest.ingest(dataset, stage_cfg, str(root.home), args.force)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from stages.demo_data import generate_demo_corpus
+
+    t0 = time.perf_counter()
+    datasets = generate_demo_corpus(args.out_dir, scale=args.scale, seed=args.seed, progress=print)
+    for d in datasets:
+        print(f"{d.name}: {d.n_videos} videos, layout {d.layout}, {len(d.classes)} classes -> {d.path}")
+    print(f"demo corpus ready in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def demo_pipeline_file(out_dir: Path, datasets) -> Path:
+    import yaml
+
+    spec = {
+        "name": "demo",
+        "datasets": [
+            {"name": d.name, "source": str(Path(d.path).resolve()), "flip_sensitive": d.flip_sensitive} for d in datasets
+        ],
+    }
+    path = out_dir / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stages.demo_data import generate_demo_corpus
+
+    t0 = time.perf_counter()
+    root = DataRoot(args.home).ensure()
+    out_dir = root.home / "demo-corpus"
+    print(f"[1/3] generating the demo corpus (scale {args.scale}) into {out_dir}")
+    datasets = generate_demo_corpus(out_dir, scale=args.scale, seed=args.seed, progress=print)
+    config_file = demo_pipeline_file(out_dir, datasets)
+    cfg = resolve_pipeline(config_file, list(args.set or []))
+    print(f"[2/3] running the pipeline ({', '.join(cfg.stages)}) from {config_file}")
+    root, flows = _flows(str(root.home))
+    flows.pipeline.pipeline(cfg, str(root.home), args.force)
+    print("[3/3] catalog summary (vimpac status):")
+    cmd_status(argparse.Namespace(home=str(root.home)))
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s; query it with: vimpac --home {root.home} sql \"SELECT * FROM videos\"")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = resolve_pipeline(args.config, list(args.set or []))
+    print(json.dumps(cfg.model_dump(), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="data root (default: $VIMPAC_HOME or ./vimpac-data)")
+    parser = argparse.ArgumentParser(
+        prog="vimpac", description="VIMPAC pipeline: raw videos -> tokens -> pretrained video transformer -> results.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", parents=[common], help="generate the demo corpus into the data root and run the pipeline on it")
+    p.add_argument("--scale", type=float, default=1.0, help="corpus size multiplier (default 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="pipeline config override, e.g. ingest.workers=2")
+    p.add_argument("--force", action="store_true", help="recompute every stage")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("demo-data", parents=[common], help="write the deterministic synthetic demo corpus to OUT_DIR")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("run", parents=[common], help="run one stage, or the whole pipeline, as a Prefect flow")
+    p.add_argument("stage", choices=[*STAGES, "pipeline"])
+    p.add_argument("--dataset", help="dataset name (stage runs)")
+    p.add_argument("--source", help="directory, manifest (.csv/.jsonl/.parquet), list (.txt), video file or URL")
+    p.add_argument("--layout", choices=["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"])
+    p.add_argument("--flip-sensitive", action="store_true", help="horizontal flips change this dataset's labels")
+    p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
+    p.add_argument("--preset", action="append", metavar="NAME",
+                   help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. batch_size=8")
+    p.add_argument("--force", action="store_true", help="recompute even what is cached")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sql", parents=[common], help="query the catalog (read-only)")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("status", parents=[common], help="short catalog summary")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("config", parents=[common], help="print the resolved pipeline config")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "home"):
+        args.home = None
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"vimpac: configuration error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"vimpac: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a flow's failure is reported, not dumped as a trace
+        import duckdb
+
+        if isinstance(e, duckdb.Error):
+            print(f"vimpac: SQL error: {e}", file=sys.stderr)
+            return 2
+        print(f"vimpac: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed configuration: one pydantic model per stage, a pipeline model that names datasets,
+named presets, `--set a.b=value` overrides, and YAML/TOML pipeline files.
+
+Pydantic models are what Prefect renders as parameter forms, so every field carries a
+description. Fields marked `operational(...)` change how a stage runs (parallelism, timeouts,
+batch sizes) but not what it produces; they are left out of the cache key (DESIGN.md,
+"Caching and reruns"), so raising `workers` never triggers recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_OPERATIONAL = {"operational": True}
+
+
+def operational(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that does not affect a stage's output and so stays out of its cache key."""
+    extra = dict(kwargs.pop("json_schema_extra", None) or {}) | _OPERATIONAL
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo in a config file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _default_workers() -> int:
+    return max(1, min(8, 2 * (os.cpu_count() or 1)))
+
+
+class IngestConfig(StrictModel):
+    """Copy videos into the content-addressed raw store, hash and probe them."""
+
+    batch_size: int = operational(16, ge=1, description="Videos per unit of work: one Parquet part, one Prefect task.")
+    workers: int = operational(
+        default_factory=_default_workers, ge=1, description="Batches processed concurrently (threads: ingest is I/O bound)."
+    )
+    max_bytes: int = Field(20 * 2**30, ge=1, description="Largest accepted video in bytes; bigger ones fail as too_large.")
+    connect_timeout_s: float = operational(10.0, gt=0, description="HTTP connect timeout.")
+    read_timeout_s: float = operational(30.0, gt=0, description="Longest stall between received bytes before a download fails.")
+    total_timeout_s: float = operational(3600.0, gt=0, description="Deadline for one whole download.")
+    retries: int = operational(3, ge=0, description="Extra attempts for transient download failures (5xx, timeouts).")
+    backoff_s: float = operational(1.0, ge=0, description="First retry delay; doubles per attempt.")
+    max_redirects: int = operational(5, ge=0, description="HTTP redirects followed before failing.")
+    decode_check_frames: int = Field(2, ge=1, description="Frames decoded at probe time to prove a video is decodable.")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ogv", ".ogg", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"],
+        description="File endings treated as videos when scanning a directory.",
+    )
+    retry_failed: bool = operational(
+        False, description="Also retry videos that failed permanently (404, corrupt file). Transient failures are always retried."
+    )
+
+    @field_validator("extensions")
+    @classmethod
+    def _lower_dotted(cls, v: list[str]) -> list[str]:
+        return sorted({("." + e.lstrip(".")).lower() for e in v})
+
+
+Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
+
+
+class DatasetConfig(StrictModel):
+    """One dataset: where its videos come from and how its labels and splits are laid out."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", description="Dataset name used in the catalog.")
+    source: str = Field(
+        ..., description="A directory, a manifest (.csv/.jsonl/.parquet), a list (.txt), a video file, or a URL (http(s)://, file://, any fsspec URL)."
+    )
+    layout: Layout = Field("auto", description="How labels and splits are found; auto-detected by default.")
+    splits_dir: str | None = Field(None, description="Folder with split files (UCF101/HMDB51 layouts); default: found under the source.")
+    flip_sensitive: bool = Field(
+        False, description="Horizontal flips change the label (e.g. SSv2, left/right motion): no flipped views downstream."
+    )
+
+
+class TrackingConfig(StrictModel):
+    experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
+
+
+Stage = Literal["ingest"]
+STAGES: tuple[str, ...] = ("ingest",)
+
+
+class PipelineConfig(StrictModel):
+    """Everything one `pipeline` run needs: the datasets and each stage's settings."""
+
+    name: str = operational("pipeline", description="Name of the pipeline run (MLflow parent run name).")
+    datasets: list[DatasetConfig] = Field(default_factory=list, description="Datasets to process.")
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in DAG order.")
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _unique_names(cls, v: list[DatasetConfig]) -> list[DatasetConfig]:
+        names = [d.name for d in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+# Named presets: partial dicts applied over the defaults, so a preset only states what differs.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ingest": {
+        "default": {},
+        # Remote sources: more patience and more parallel downloads.
+        "web": {"workers": 16, "retries": 5, "backoff_s": 2.0, "read_timeout_s": 60.0},
+        # Local files on a fast disk: fewer, larger units.
+        "local": {"batch_size": 64},
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+def preset(stage: str, name: str) -> dict[str, Any]:
+    try:
+        return dict(PRESETS[stage][name])
+    except KeyError:
+        known = ", ".join(sorted(PRESETS.get(stage, {}))) or "none"
+        raise ConfigError(f"unknown preset {name!r} for stage {stage!r}; known: {known}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML (8, 0.5, true, [a, b])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return [k for k in key.strip().split(".")], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], *, model: type[BaseModel]) -> dict[str, Any]:
+    """Set each `a.b=value` in a nested dict, refusing keys the model does not have."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        path, value = parse_override(item)
+        node: dict[str, Any] = data
+        cls: type[BaseModel] | None = model
+        for i, key in enumerate(path):
+            if cls is not None and key not in cls.model_fields:
+                known = ", ".join(sorted(cls.model_fields))
+                raise ConfigError(f"unknown config key {'.'.join(path[: i + 1])!r} in override {item!r}; valid here: {known}")
+            if i == len(path) - 1:
+                node[key] = value
+                break
+            annotation = cls.model_fields[key].annotation if cls is not None else None
+            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+    return data
+
+
+def build(model: type[BaseModel], base: dict[str, Any] | None = None, overrides: list[str] | None = None):
+    """Validate `base` + overrides into `model`, turning pydantic errors into one clear message."""
+    data = apply_overrides(base or {}, overrides or [], model=model)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"invalid {model.__name__}:\n" + "\n".join(lines)) from None
+
+
+def load_pipeline_file(path: str | Path) -> dict[str, Any]:
+    """Read a pipeline config (YAML or TOML). Relative dataset sources resolve against the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read pipeline config {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"pipeline config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"pipeline config {path} must be a mapping at the top level")
+    for ds in data.get("datasets") or []:
+        if isinstance(ds, dict):
+            for key in ("source", "splits_dir"):
+                value = ds.get(key)
+                if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+                    ds[key] = str((path.parent / value).resolve())
+    return data
+
+
+def resolve_pipeline(
+    file: str | Path | None = None, overrides: list[str] | None = None, presets: dict[str, str] | None = None
+) -> PipelineConfig:
+    """File, then stage presets, then `--set` overrides: the last word wins."""
+    data = load_pipeline_file(file) if file else {}
+    for stage, name in (presets or {}).items():
+        data[stage] = preset(stage, name) | dict(data.get(stage) or {})
+    return build(PipelineConfig, data, overrides)
+
+
+def cache_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The config's fields that affect output (operational ones dropped), recursively."""
+    out: dict[str, Any] = {}
+    for name, field in type(cfg).model_fields.items():
+        if (field.json_schema_extra or {}).get("operational"):
+            continue
+        value = getattr(cfg, name)
+        out[name] = cache_dict(value) if isinstance(value, BaseModel) else value
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Short stable hash of what in a config changes a stage's output."""
+    blob = json.dumps(cache_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

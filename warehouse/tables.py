@@ -1,0 +1,166 @@
+"""Table schemas and atomic Parquet writes.
+
+Every catalog table is a folder of immutable Parquet files. A file is written under a
+temporary name, fsynced and renamed into place, so a reader (or a run killed at any instant)
+sees either the whole file or none of it. Each table folder also holds a zero-row
+`_schema/_schema.parquet`, so its view has every column even before the first write.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TS = pa.timestamp("us", tz="UTC")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    # One row per ingest attempt of a video; the `videos` view keeps the latest per video.
+    "videos": pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("video_id", pa.string()),
+            ("source", pa.string()),
+            ("sha256", pa.string()),
+            ("bytes", pa.int64()),
+            ("label", pa.string()),
+            ("split", pa.string()),
+            ("splits", pa.list_(pa.string())),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("error_code", pa.string()),
+            ("retryable", pa.bool_()),
+            ("duration_s", pa.float64()),
+            ("fps", pa.float64()),
+            ("n_frames", pa.int64()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("codec", pa.string()),
+            ("container", pa.string()),
+            ("rotation", pa.int32()),
+            ("has_audio", pa.bool_()),
+            ("start_time_s", pa.float64()),
+            ("raw_path", pa.string()),
+            ("ingested_at", TS),
+            ("fingerprint", pa.string()),
+            ("entry_key", pa.string()),
+            ("config_hash", pa.string()),
+            ("code_version", pa.string()),
+            ("run_id", pa.string()),
+            ("unit", pa.string()),
+        ]
+    ),
+    # One commit marker per unit of work (an ingest batch, later a frame or token shard),
+    # written last: a unit's rows are visible only once its marker exists.
+    "shards": pa.schema(
+        [
+            ("stage", pa.string()),
+            ("dataset", pa.string()),
+            ("unit", pa.string()),
+            ("path", pa.string()),
+            ("n_samples", pa.int64()),
+            ("n_failed", pa.int64()),
+            ("bytes", pa.int64()),
+            ("config_hash", pa.string()),
+            ("code_version", pa.string()),
+            ("run_id", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
+    "runs": pa.schema(
+        [
+            ("run_id", pa.string()),
+            ("parent_run_id", pa.string()),
+            ("stage", pa.string()),
+            ("dataset", pa.string()),
+            ("mlflow_run_id", pa.string()),
+            ("prefect_flow_run_id", pa.string()),
+            ("config", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("summary", pa.string()),
+            ("host", pa.string()),
+            ("pid", pa.int64()),
+            ("started_at", TS),
+            ("finished_at", TS),
+        ]
+    ),
+    "datasets": pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("source", pa.string()),
+            ("layout", pa.string()),
+            ("labeled", pa.bool_()),
+            ("flip_sensitive", pa.bool_()),
+            ("classes", pa.list_(pa.string())),
+            ("n_entries", pa.int64()),
+            ("updated_at", TS),
+        ]
+    ),
+}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write `table` to `path` so that `path` is only ever absent or complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def to_table(name: str, rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    schema = SCHEMAS[name]
+    rows = list(rows)
+    return pa.Table.from_pylist([{f: r.get(f) for f in schema.names} for r in rows], schema=schema)
+
+
+def write_rows(name: str, rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    return write_parquet_atomic(to_table(name, rows), path)
+
+
+def ensure_schema_file(tables_dir: Path, name: str) -> Path:
+    path = tables_dir / name / "_schema" / "_schema.parquet"
+    if not path.exists():
+        write_parquet_atomic(SCHEMAS[name].empty_table(), path)
+    return path
+
+
+def clean_partials(folder: Path) -> int:
+    """Remove leftovers of writes interrupted by a crash (never visible to readers)."""
+    n = 0
+    if folder.exists():
+        for p in folder.rglob("*.partial"):
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
