@@ -159,6 +159,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, model: type[B
                 known = ", ".join(sorted(cls.model_fields))
                 raise ConfigError(f"unknown config key {'.'.join(path[: i + 1])!r} in override {item!r}; valid here: {known}")
             if i == len(path) - 1:
+                if cls is not None and cls.model_fields[key].annotation is str:
+                    # Text fields take the text as written: YAML would turn `2024` into an int,
+                    # `001` into 1 and cut `run #3` at the comment. Quotes still work.
+                    raw = item.partition("=")[2].strip()
+                    value = value if isinstance(value, str) and raw[:1] in ("'", '"') else raw
                 node[key] = value
                 break
             annotation = cls.model_fields[key].annotation if cls is not None else None
@@ -199,7 +204,8 @@ def load_pipeline_file(path: str | Path) -> dict[str, Any]:
             for key in ("source", "splits_dir"):
                 value = ds.get(key)
                 if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
-                    ds[key] = str((path.parent / value).resolve())
+                    local = Path(value).expanduser()  # `~/videos` is the home folder, not `~` beside the file
+                    ds[key] = str(local if local.is_absolute() else (path.parent / local).resolve())
     return data
 
 

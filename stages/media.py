@@ -108,6 +108,7 @@ def encode_video(
             process.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
         process.stdin.close()
         stderr = process.stderr.read()
+        process.stderr.close()
         code = process.wait()
     except BaseException:
         process.kill()

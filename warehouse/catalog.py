@@ -100,7 +100,8 @@ class Catalog:
     def __init__(self, root: DataRoot | str | os.PathLike[str] | None = None):
         self.root = root if isinstance(root, DataRoot) else DataRoot(root)
 
-    def _prepare_tables(self) -> None:
+    def ensure_tables(self) -> None:
+        """Create the data root and every table's schema file (idempotent, no DuckDB write)."""
         self.root.ensure()
         for name in SCHEMAS:
             ensure_schema_file(self.root.tables, name)
@@ -115,7 +116,7 @@ class Catalog:
         Returns False, leaving the old file in place, when another process holds DuckDB's
         write lock (a user's open read-write client): readers then use in-memory views.
         """
-        self._prepare_tables()
+        self.ensure_tables()
         with file_lock(self.root.locks / "catalog.lock"):
             try:
                 con = duckdb.connect(str(self.root.catalog_path))

@@ -84,7 +84,7 @@ def default_video_id(source: str) -> str:
 def fingerprint(entry: Entry) -> str:
     """What identifies an entry's input: for local files path, size and mtime (cheap, and a
     changed file is re-ingested); for URLs the URL. Label and split are part of it."""
-    local = _local_path(entry.source)
+    local = _local_path(entry.source) if entry.source else None  # "" would stat the working directory
     if local is not None:
         try:
             st = local.stat()
@@ -120,7 +120,8 @@ def _find_split_dir(root: Path, splits_dir: str | None, pattern: str) -> Path | 
         d = Path(splits_dir)
         if not d.is_dir():
             raise ConfigError(f"splits_dir {d} is not a directory")
-        return d
+        # Only a folder that holds this layout's split files counts (else HMDB51 reads as UCF101).
+        return d if any(d.glob(pattern)) else None
     for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if any(candidate.glob(pattern)):
             return candidate
@@ -134,6 +135,8 @@ def detect_layout(root: Path, cfg: DatasetConfig, ingest: IngestConfig) -> str:
         return "ucf101"
     if _find_split_dir(root, cfg.splits_dir, "*_test_split[1-9].txt"):
         return "hmdb51"
+    if cfg.splits_dir:
+        raise ConfigError(f"splits_dir {cfg.splits_dir} has no UCF101 (trainlistNN.txt) or HMDB51 (<class>_test_splitN.txt) split files")
     exts = set(ingest.extensions)
     top_videos = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in exts]
     subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -160,10 +163,14 @@ def _list_ucf101(root: Path, cfg: DatasetConfig, ingest: IngestConfig) -> Source
             if len(parts) >= 2:
                 classes.append(parts[1])
     set_ids = sorted({m.group(1) for p in split_dir.glob("*list0*.txt") if (m := re.search(r"list(\d+)\.txt$", p.name))})
+    n_sets = max((int(sid) for sid in set_ids), default=0)  # splits[k-1] is split set k, even if a set is missing
     assignments: dict[str, list[str | None]] = {}
     warnings: list[str] = []
     known = {_class_key(f) for f in files}
-    for i, sid in enumerate(set_ids):
+    for sid in set_ids:
+        i = int(sid) - 1
+        if i < 0:
+            continue
         for kind in ("train", "test"):
             path = split_dir / f"{kind}list{sid}.txt"
             if not path.exists():
@@ -177,12 +184,12 @@ def _list_ucf101(root: Path, cfg: DatasetConfig, ingest: IngestConfig) -> Source
                 if key not in known:
                     missing += 1
                     continue
-                assignments.setdefault(key, [None] * len(set_ids))[i] = kind
+                assignments.setdefault(key, [None] * n_sets)[i] = kind
             if missing:
                 warnings.append(f"{path.name}: {missing} listed videos are not in {root}")
     entries = []
     for f in files:
-        splits = assignments.get(_class_key(f), [None] * len(set_ids))
+        splits = assignments.get(_class_key(f), [None] * n_sets)
         splits = [s or "unused" for s in splits]
         entries.append(
             Entry(video_id=_id_from(f, f.parent.parent), source=str(f), label=f.parent.name,
@@ -297,8 +304,8 @@ def _manifest_rows(source: str, data: bytes) -> list[tuple[int, dict | None, str
         reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig", errors="replace")))
         if not reader.fieldnames or "source" not in [f.strip() for f in reader.fieldnames]:
             raise ConfigError(f"manifest {source} has no 'source' column (columns: {reader.fieldnames})")
-        for i, row in enumerate(reader, start=2):
-            rows.append((i, {(k or "").strip(): v for k, v in row.items()}, None))
+        for row in reader:  # line_num, not a count: blank lines are skipped but still numbered
+            rows.append((reader.line_num, {(k or "").strip(): v for k, v in row.items()}, None))
     return rows
 
 

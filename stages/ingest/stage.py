@@ -17,8 +17,10 @@ import socket
 import time
 import traceback
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from stages.config import DatasetConfig, IngestConfig, config_hash
 from stages.ingest.fetch import FetchError, FetchLimits, fetch
@@ -80,7 +82,9 @@ def _existing(root: DataRoot, dataset: str) -> dict[str, dict]:
              WHERE dataset = ?
              QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY ingested_at DESC, unit DESC) = 1"""
     cols = ["video_id", "status", "retryable", "fingerprint", "config_hash", "code_version", "entry_key"]
-    return {r[0]: dict(zip(cols, r)) for r in Catalog(root).rows(sql, [dataset])}
+    catalog = Catalog(root)
+    catalog.ensure_tables()
+    return {r[0]: dict(zip(cols, r)) for r in catalog.rows(sql, [dataset])}
 
 
 def plan_ingest(root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, force: bool = False) -> IngestPlan:
@@ -285,3 +289,80 @@ def summarize(plan: IngestPlan, results: list[BatchResult], seconds: float) -> d
         "config_hash": plan.config_hash,
         "code_version": CODE_VERSION,
     }
+
+
+# Runs batches and yields (batch, result or the exception that sank the whole batch) as each
+# finishes. The default uses threads; the flow passes one that maps batches onto Prefect tasks.
+BatchRunner = Callable[[list[Batch]], Iterable[tuple[Batch, "BatchResult | BaseException"]]]
+
+
+def thread_runner(root: DataRoot, dataset: str, cfg: IngestConfig, run_id: str, reporter: Reporter) -> BatchRunner:
+    def run(batches: list[Batch]) -> Iterator[tuple[Batch, BatchResult | BaseException]]:
+        with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ingest") as pool:
+            pending = {pool.submit(ingest_batch, root, dataset, b, cfg, run_id=run_id, reporter=reporter): b for b in batches}
+            while pending:
+                done, _ = wait_futures(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    batch = pending.pop(fut)
+                    yield batch, (fut.exception() or fut.result())
+
+    return run
+
+
+@dataclass
+class IngestOutcome:
+    plan: IngestPlan
+    results: list[BatchResult]
+    errors: list[str]
+    summary: dict
+
+    @property
+    def failures(self) -> list[dict]:
+        return [f for r in self.results for f in r.failures]
+
+
+def run_ingest(
+    root: DataRoot,
+    dataset: DatasetConfig,
+    cfg: IngestConfig,
+    *,
+    run_id: str,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    runner: BatchRunner | None = None,
+) -> IngestOutcome:
+    """Plan the dataset, ingest every pending batch, and summarise. Batch-level crashes (after
+    the runner's retries) are collected in `errors`; the other batches still commit."""
+    reporter = reporter or Reporter()
+    t0 = time.perf_counter()
+    plan = plan_ingest(root, dataset, cfg, force=force)
+    reporter.info(plan.describe())
+    for warning in plan.listing.warnings:
+        reporter.warning(f"{dataset.name}: {warning}")
+    if plan.listing.duplicates:
+        dupes = sorted(set(plan.listing.duplicates))
+        more = " ..." if len(dupes) > 10 else ""
+        reporter.warning(
+            f"{dataset.name}: {len(plan.listing.duplicates)} duplicate entries in the source, each recorded once: "
+            f"{', '.join(dupes[:10])}{more}"
+        )
+    record_dataset(root, plan)
+    runner = runner or thread_runner(root, dataset.name, cfg, run_id, reporter)
+    results: list[BatchResult] = []
+    errors: list[str] = []
+    reporter.start_progress(plan.pending, f"ingest {dataset.name}")
+    for batch, result in runner(plan.batches):
+        if isinstance(result, BaseException):
+            errors.append(f"batch {batch.unit} ({len(batch.entries)} videos): {type(result).__name__}: {result}")
+            reporter.warning(f"{dataset.name}: {errors[-1]}")
+            continue
+        results.append(result)
+        done = sum(r.n_videos for r in results)
+        reporter.metrics({"videos_done": done, "videos_failed": sum(r.n_failed for r in results)}, step=done)
+    summary = summarize(plan, results, time.perf_counter() - t0)
+    summary["batch_errors"] = len(errors)
+    reporter.info(
+        f"ingest {dataset.name}: {summary['processed']} processed ({summary['ok']} ok, {summary['failed']} failed), "
+        f"{summary['cached']} cached, {summary['videos_per_s']} videos/s, {summary['mb_per_s']} MB/s"
+    )
+    return IngestOutcome(plan, results, errors, summary)

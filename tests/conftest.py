@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# One MLflow database for the whole session: creating a SQLite tracking store runs its
+# migrations (seconds), too slow to repeat per test. Tests that check the per-data-root
+# default run the CLI in a subprocess without this variable.
+_SESSION_DIR = Path(os.environ.setdefault("VIMPAC_TEST_TMP", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"vimpac-tests-{os.getpid()}")))
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_DIR / 'mlflow.db'}")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from http_fixtures import http_server  # noqa: E402,F401  (fixture)
+from media_fixtures import make_video  # noqa: E402
+
+from warehouse.layout import DataRoot  # noqa: E402
+
+
+@pytest.fixture
+def root(tmp_path) -> DataRoot:
+    return DataRoot(tmp_path / "home").ensure()
+
+
+@pytest.fixture
+def video_dir(tmp_path):
+    """Factory: a folder of `n` distinct small videos, optionally under class folders."""
+
+    def make(name: str = "src", n: int = 3, classes: list[str] | None = None, seed0: int = 0) -> Path:
+        folder = tmp_path / name
+        for i in range(n):
+            sub = folder / classes[i % len(classes)] if classes else folder
+            make_video(sub / f"clip{seed0 + i:03d}.mp4", seed=seed0 + i)
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A throwaway Prefect API for in-process flow runs (started once per session)."""
+    _SESSION_DIR.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
