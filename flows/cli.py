@@ -5,7 +5,7 @@ answer in well under a second."""
 from __future__ import annotations
 
 import argparse
-import io
+import csv
 import json
 import sys
 import time
@@ -60,11 +60,10 @@ def _print_table(table, title: str | None = None) -> None:
 
 def _emit(table, fmt: str) -> None:
     if fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        buf = io.BytesIO()
-        pacsv.write_csv(table, buf)
-        sys.stdout.write(buf.getvalue().decode())
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in table.to_pylist():
+            writer.writerow(["" if v is None else v for v in row.values()])
     elif fmt == "json":
         json.dump(table.to_pylist(), sys.stdout, default=str, indent=1)
         sys.stdout.write("\n")

@@ -14,7 +14,7 @@ from prefect.futures import PrefectFuture, as_completed
 from stages.config import DatasetConfig, IngestConfig
 from stages.ingest.stage import STAGE, Batch, BatchResult, ingest_batch, run_ingest
 from stages.reporting import Reporter
-from warehouse.catalog import Catalog, file_lock
+from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
@@ -87,17 +87,15 @@ def ingest(dataset: DatasetConfig, config: IngestConfig | None = None, home: str
     for run_id in mark_crashed_runs(root):
         logger.warning(f"run {run_id} was interrupted earlier; its committed batches are kept, the rest is redone")
     resolved = {"dataset": dataset.model_dump(), "ingest": config.model_dump(), "force": force}
-    # One writer per (stage, dataset): a second concurrent run waits, then finds the work done.
-    with file_lock(root.locks / f"{STAGE}--{dataset.name}.lock"):
-        with tracked_run(root, STAGE, resolved, logger=logger, run_name=f"ingest-{dataset.name}", dataset=dataset.name) as ctx:
-            runner = prefect_runner(str(root.home), dataset.name, config, ctx.record.run_id, ctx.reporter)
-            outcome = run_ingest(root, dataset, config, run_id=ctx.record.run_id, force=force, reporter=ctx.reporter, runner=runner)
-            summary = outcome.summary
-            ctx.record.summary = summary
-            ctx.reporter.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-            ctx.write_artifact("ingest_stats.json", json.dumps(summary, indent=2, sort_keys=True))
-            if outcome.failures:
-                ctx.write_artifact("failures.csv", _failures_csv(outcome.failures))
-            if outcome.errors:
-                raise RuntimeError(f"ingest {dataset.name}: {len(outcome.errors)} batches failed after retries: " + "; ".join(outcome.errors[:3]))
-            return summary
+    with tracked_run(root, STAGE, resolved, logger=logger, run_name=f"ingest-{dataset.name}", dataset=dataset.name) as ctx:
+        runner = prefect_runner(str(root.home), dataset.name, config, ctx.record.run_id, ctx.reporter)
+        outcome = run_ingest(root, dataset, config, run_id=ctx.record.run_id, force=force, reporter=ctx.reporter, runner=runner)
+        summary = outcome.summary
+        ctx.record.summary = summary
+        ctx.reporter.metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        ctx.write_artifact("ingest_stats.json", json.dumps(summary, indent=2, sort_keys=True))
+        if outcome.failures:
+            ctx.write_artifact("failures.csv", _failures_csv(outcome.failures))
+        if outcome.errors:
+            raise RuntimeError(f"ingest {dataset.name}: {len(outcome.errors)} batches failed after retries: " + "; ".join(outcome.errors[:3]))
+        return summary

@@ -78,9 +78,10 @@ class DataRoot:
     def absolute(self, relative: str) -> Path:
         return self.home / relative
 
-    def temp_file(self, suffix: str = "") -> Path:
+    def temp_file(self, prefix: str = "") -> Path:
+        """A fresh path under tmp/; `prefix` lets the owner of a crashed run find its leftovers."""
         self.tmp.mkdir(parents=True, exist_ok=True)
-        return self.tmp / f"{uuid.uuid4().hex}{suffix}.partial"
+        return self.tmp / f"{prefix}{uuid.uuid4().hex}.partial"
 
     def store_raw(self, tmp_file: Path, sha256: str) -> tuple[Path, bool]:
         """Move a fully written, hashed temp file into the raw store.

@@ -156,11 +156,12 @@ def ensure_schema_file(tables_dir: Path, name: str) -> Path:
     return path
 
 
-def clean_partials(folder: Path) -> int:
-    """Remove leftovers of writes interrupted by a crash (never visible to readers)."""
+def clean_partials(folder: Path, pattern: str = "*.partial") -> int:
+    """Remove leftovers of writes interrupted by a crash (never visible to readers). Call it
+    only while holding the lock of whoever writes files matching `pattern` there."""
     n = 0
     if folder.exists():
-        for p in folder.rglob("*.partial"):
+        for p in folder.glob(pattern):
             p.unlink(missing_ok=True)
             n += 1
     return n

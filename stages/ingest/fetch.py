@@ -128,7 +128,7 @@ def fetch(
 
     `on_bytes(n)` receives progress increments. When an attempt fails after writing some bytes,
     it receives the matching negative increment, so the running sum always equals the bytes in
-    `dest` (and is 0 after a failure): a tqdm bar's `update` can be passed as is.
+    `dest` (and is 0 after a FetchError): a tqdm bar's `update` can be passed as is.
 
     Raises FetchError; `dest` is removed on any failure, including KeyboardInterrupt.
     A `Path` source is accepted too and reported as its string.
@@ -151,7 +151,8 @@ def fetch(
                     raise _final_error(shown, failure, attempt) from failure.__cause__
                 delay = _backoff(limits.backoff_s, attempt - 1, failure.retry_after)
                 if time.monotonic() + delay >= deadline:
-                    failure.cause += f" (no time left to retry within {limits.total_timeout_s:g} s)"
+                    if "total deadline" not in failure.cause:
+                        failure.cause += f" (no time left to retry within {limits.total_timeout_s:g} s)"
                     raise _final_error(shown, failure, attempt) from failure.__cause__
                 time.sleep(delay)
     except _Failure as failure:
@@ -238,7 +239,7 @@ def _write(f: BinaryIO, data, path: Path) -> None:
 
 def _check_progress(total: int, limits: FetchLimits, deadline: float) -> None:
     if total > limits.max_bytes:
-        raise _Failure("too_large", f"more than max_bytes={limits.max_bytes} bytes")
+        raise _Failure("too_large", f"more than max_bytes={limits.max_bytes} bytes received")
     if time.monotonic() > deadline:
         raise _Failure("timeout", f"exceeded the total deadline of {limits.total_timeout_s:g} s", retryable=True)
 
@@ -554,9 +555,11 @@ def _timeout_failure(what: str, limits: FetchLimits, deadline: float) -> _Failur
 def _short(e: BaseException) -> str:
     """The innermost, most specific reason of a requests/urllib3 exception chain."""
     for _ in range(8):  # bounded: exception chains may be cyclic
+        # requests wraps urllib3's MaxRetryError (.reason), which wraps NewConnectionError,
+        # whose __cause__ is the OS error ("[Errno 111] Connection refused").
         inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
         reason = getattr(e, "reason", None)
-        nxt = reason if isinstance(reason, BaseException) else inner
+        nxt = reason if isinstance(reason, BaseException) else inner or e.__cause__
         if nxt is None or nxt is e:
             break
         e = nxt

@@ -276,7 +276,11 @@ def _resolve(base: str, value: str) -> str:
     if is_url(value) or Path(value).is_absolute():
         return value
     if is_url(base) and not base.startswith("file://"):
-        return urljoin(base, value)
+        if urlparse(base).scheme in ("http", "https"):
+            return urljoin(base, value)
+        # urljoin leaves s3://, gs://, memory:// ... bases out (it would return `value` alone).
+        head, _, path = base.rpartition("://")
+        return f"{head}://{PurePosixPath(path).parent / value}"
     base_path = _local_path(base)
     return str((base_path.parent / value).resolve())
 

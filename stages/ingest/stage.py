@@ -27,9 +27,9 @@ from stages.ingest.fetch import FetchError, FetchLimits, fetch
 from stages.ingest.probe import ProbeError, probe_video
 from stages.ingest.sources import Entry, SourceListing, list_source
 from stages.reporting import Reporter
-from warehouse.catalog import Catalog
+from warehouse.catalog import Catalog, file_lock
 from warehouse.layout import DataRoot
-from warehouse.tables import now, write_rows
+from warehouse.tables import clean_partials, now, write_rows
 
 STAGE = "ingest"
 # Bump when the stage's output for the same input and config changes; part of every key.
@@ -151,7 +151,7 @@ def ingest_entry(root: DataRoot, dataset: str, entry: Entry, cfg: IngestConfig) 
     if entry.error:
         row.update(error=entry.error, error_code="bad_manifest_row")
         return row
-    tmp = root.temp_file()
+    tmp = root.temp_file(prefix=f"{STAGE}--{dataset}--")
     try:
         fetched = fetch(entry.source, tmp, _limits(cfg))
         row.update(sha256=fetched.sha256, bytes=fetched.bytes)
@@ -334,6 +334,27 @@ def run_ingest(
     """Plan the dataset, ingest every pending batch, and summarise. Batch-level crashes (after
     the runner's retries) are collected in `errors`; the other batches still commit."""
     reporter = reporter or Reporter()
+    # One writer per (stage, dataset): a concurrent second run waits here, then finds the
+    # work committed and does nothing.
+    with file_lock(root.locks / f"{STAGE}--{dataset.name}.lock"):
+        removed = _clean_leftovers(root, dataset.name)
+        if removed:
+            reporter.info(f"{dataset.name}: removed {removed} partial files left by an interrupted run")
+        return _run_locked(root, dataset, cfg, run_id=run_id, force=force, reporter=reporter, runner=runner)
+
+
+def _clean_leftovers(root: DataRoot, dataset: str) -> int:
+    return (
+        clean_partials(root.tmp, f"{STAGE}--{dataset}--*.partial")
+        + clean_partials(root.table_dir("videos", dataset), ".*.partial")
+        + clean_partials(root.table_dir("shards", STAGE), f".{dataset}--*.partial")
+    )
+
+
+def _run_locked(
+    root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, run_id: str, force: bool, reporter: Reporter,
+    runner: BatchRunner | None,
+) -> IngestOutcome:
     t0 = time.perf_counter()
     plan = plan_ingest(root, dataset, cfg, force=force)
     reporter.info(plan.describe())

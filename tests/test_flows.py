@@ -1,0 +1,148 @@
+"""Flows through Prefect and MLflow, the CLI as a user runs it, and a run killed mid-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from media_fixtures import make_bad_inputs, make_video
+from stages.config import DatasetConfig, IngestConfig, PipelineConfig
+from warehouse.catalog import Catalog
+from warehouse.layout import DataRoot
+
+pytestmark = pytest.mark.slow
+
+COMPARE_COLUMNS = "dataset, video_id, source, sha256, bytes, label, status, error_code, n_frames, duration_s, raw_path, unit"
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "VIMPAC_"))}
+    env["VIMPAC_HOME"] = str(home)
+    return env
+
+
+def _vimpac(*args: str, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=_clean_env(home), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_pipeline_flow_tracks_parent_and_nested_runs(prefect_harness, tmp_path):
+    import mlflow
+    from flows.pipeline import pipeline
+
+    make_video(tmp_path / "a" / "Up" / "one.mp4", seed=1)
+    make_video(tmp_path / "a" / "Down" / "two.mp4", seed=2)
+    make_bad_inputs(tmp_path / "b")
+    make_video(tmp_path / "b" / "fine.mp4", seed=3)
+    cfg = PipelineConfig(
+        name="flow-test",
+        datasets=[DatasetConfig(name="labeled", source=str(tmp_path / "a")), DatasetConfig(name="mixed", source=str(tmp_path / "b"))],
+        ingest=IngestConfig(workers=2, batch_size=2),
+        tracking={"experiment": "flow-test"},
+    )
+    home = tmp_path / "home"
+    summaries = pipeline(cfg, str(home))
+    assert summaries["ingest/labeled"]["ok"] == 2 and summaries["ingest/mixed"]["failed"] == 5
+
+    catalog = Catalog(home)
+    runs = {r["stage"] + "/" + (r["dataset"] or ""): r for r in catalog.query("SELECT * FROM runs").to_pylist()}
+    parent = runs["pipeline/"]
+    assert parent["status"] == "completed"
+    for key in ("ingest/labeled", "ingest/mixed"):
+        run = runs[key]
+        assert run["status"] == "completed" and run["parent_run_id"] == parent["run_id"]
+        assert run["prefect_flow_run_id"] and run["mlflow_run_id"]
+        assert json.loads(run["config"])["ingest"]["batch_size"] == 2
+
+    client = mlflow.tracking.MlflowClient()
+    child = client.get_run(runs["ingest/mixed"]["mlflow_run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent["mlflow_run_id"]
+    assert child.data.tags["prefect.flow_run_id"] == runs["ingest/mixed"]["prefect_flow_run_id"]
+    assert child.data.params["ingest.batch_size"] == "2" and child.data.params["dataset.name"] == "mixed"
+    assert child.data.metrics["failed"] == 5 and child.data.metrics["ok"] == 1 and "mb_per_s" in child.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"config.json", "ingest_stats.json", "failures.csv"} <= artifacts
+    failures = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="failures.csv", dst_path=str(tmp_path / "dl")))
+    assert "undecodable" in failures.read_text() and "truncated" in failures.read_text()
+
+    # A second pipeline run does no work and says so.
+    again = pipeline(cfg, str(home))
+    assert again["ingest/labeled"]["processed"] == 0 and again["ingest/mixed"]["cached"] == 6
+
+
+def test_cli_ingest_sql_status_with_state_in_the_data_root(tmp_path):
+    src = tmp_path / "src"
+    for i in range(3):
+        make_video(src / f"v{i}.mp4", seed=i)
+    home = tmp_path / "home"
+    first = _vimpac("--home", str(home), "run", "ingest", "--dataset", "cli", "--source", str(src), "--set", "batch_size=2", home=home)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout[first.stdout.index("{"):])["ok"] == 3
+    assert (home / "mlflow" / "mlflow.db").exists() and (home / "prefect").is_dir()
+    assert any((home / "mlflow" / "artifacts").rglob("ingest_stats.json"))
+
+    out = _vimpac("sql", "SELECT video_id, status, width FROM videos ORDER BY video_id", "--format", "json", home=home)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"video_id": f"v{i}", "status": "ok", "width": 64} for i in range(3)]
+    csv_out = _vimpac("sql", "SELECT count(*) AS n FROM videos", "--format", "csv", home=home)
+    assert csv_out.stdout.split() == ["n", "3"]
+    status = _vimpac("status", home=home)
+    assert status.returncode == 0 and "cli" in status.stdout and "ingest" in status.stdout
+
+    second = _vimpac("run", "ingest", "--dataset", "cli", "--source", str(src), home=home)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "3 cached" in second.stdout + second.stderr and "nothing to do" in second.stdout + second.stderr
+
+    bad_sql = _vimpac("sql", "SELECT nope FROM videos", home=home)
+    assert bad_sql.returncode == 2 and "SQL error" in bad_sql.stderr
+    bad_key = _vimpac("run", "ingest", "--dataset", "cli", "--source", str(src), "--set", "batch_sise=2", home=home)
+    assert bad_key.returncode == 2 and "batch_sise" in bad_key.stderr
+
+
+def test_killed_run_then_rerun_gives_the_same_catalog(prefect_harness, tmp_path):
+    from flows.ingest import ingest
+
+    n = 24
+    src = tmp_path / "src"
+    for i in range(n):
+        make_video(src / f"v{i:02d}.mp4", seed=i, frames=6)
+    killed_home, clean_home = tmp_path / "killed", tmp_path / "clean"
+    settings = ["--set", "batch_size=1", "--set", "workers=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "ingest", "--dataset", "k", "--source", str(src), *settings],
+        env=_clean_env(killed_home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    markers = killed_home / "tables" / "shards" / "ingest"
+    deadline = time.time() + 240
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        committed = len(list(markers.glob("k--*.parquet"))) if markers.exists() else 0
+        if committed >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= committed < n, f"the kill must land mid-run (committed {committed} of {n})"
+
+    cfg = IngestConfig(batch_size=1, workers=1)
+    ds = DatasetConfig(name="k", source=str(src))
+    resumed = ingest(ds, cfg, str(killed_home))
+    assert resumed["cached"] >= 3 and resumed["processed"] == n - resumed["cached"]
+    ingest(ds, cfg, str(clean_home))
+
+    def snapshot(home: Path) -> list[tuple]:
+        return Catalog(home).rows(f"SELECT {COMPARE_COLUMNS} FROM videos ORDER BY video_id")
+
+    assert snapshot(killed_home) == snapshot(clean_home)
+    assert len(snapshot(clean_home)) == n
+    statuses = Catalog(killed_home).rows("SELECT status, count(*) FROM runs WHERE stage = 'ingest' GROUP BY ALL ORDER BY 1")
+    assert statuses == [("completed", 1), ("crashed", 1)]
+    assert not list(DataRoot(killed_home).tables.rglob("*.partial"))
