@@ -288,9 +288,11 @@ class _Job:
 
 
 def _counts(scale: float) -> tuple[int, int, int]:
-    """(pretrain videos, groups per class, clips per group) for a scale; at least 3 groups so
-    each of the 3 splits can hold out a different one."""
-    return max(1, round(PRETRAIN_COUNT * scale)), max(N_SPLITS, round(GROUPS * scale)), max(1, round(CLIPS_PER_GROUP * scale))
+    """(pretrain videos, groups per class, clips per group) for a scale. Above 1 only groups
+    grow, so counts stay linear in the scale; at least 3 groups so each of the 3 splits can
+    hold out a different one."""
+    clips = min(CLIPS_PER_GROUP, max(1, round(CLIPS_PER_GROUP * scale)))
+    return max(1, round(PRETRAIN_COUNT * scale)), max(N_SPLITS, round(GROUPS * scale)), clips
 
 
 def _pretrain_jobs(root: Path, seed: int, count: int, seconds: float) -> list[_Job]:

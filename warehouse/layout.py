@@ -94,5 +94,12 @@ class DataRoot:
             tmp_file.unlink(missing_ok=True)
             return final, False
         final.parent.mkdir(parents=True, exist_ok=True)
+        # Data on disk before the name: after a power loss a content-addressed name must
+        # never point at missing bytes, since nothing would ever rewrite it.
+        fd = os.open(tmp_file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_file, final)
         return final, True

@@ -33,7 +33,7 @@ from urllib.request import url2pathname
 import requests
 import urllib3.exceptions
 
-__all__ = ["FetchError", "FetchLimits", "FetchResult", "fetch", "is_url"]
+__all__ = ["FetchError", "FetchLimits", "FetchResult", "fetch", "is_url", "local_path"]
 
 USER_AGENT = "vimpac/0.1"
 
@@ -147,7 +147,7 @@ def fetch(
                 return FetchResult(sha256=digest, bytes=size, source=source, suffix=_suffix(source))
             except _Failure as failure:
                 sink.discard()
-                if not failure.retryable or attempt > limits.retries:
+                if not failure.retry_now or attempt > limits.retries:
                     raise _final_error(shown, failure, attempt) from failure.__cause__
                 delay = _backoff(limits.backoff_s, attempt - 1, failure.retry_after)
                 if time.monotonic() + delay >= deadline:
@@ -165,11 +165,20 @@ def fetch(
 class _Failure(Exception):
     """One failed attempt, before it is turned into the FetchError the caller sees."""
 
-    def __init__(self, code: str, cause: str, *, retryable: bool = False, retry_after: float | None = None):
+    def __init__(
+        self,
+        code: str,
+        cause: str,
+        *,
+        retryable: bool = False,
+        retry_now: bool | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(cause)
         self.code = code
         self.cause = cause
-        self.retryable = retryable
+        self.retryable = retryable  # a later pipeline run may succeed
+        self.retry_now = retryable if retry_now is None else retry_now  # worth retrying in this call
         self.retry_after = retry_after
 
 
@@ -204,8 +213,7 @@ class _Sink:
         try:
             f = open(self.path, "wb", buffering=buffering)
         except OSError as e:
-            # Not the source's fault (full disk, missing temp folder): a rerun may succeed.
-            raise _Failure("io_error", f"cannot write destination {self.path}: {e.strerror or e}", retryable=True) from e
+            raise _dest_failure(self.path, e) from e
         self._opened = True
         return f
 
@@ -234,7 +242,13 @@ def _write(f: BinaryIO, data, path: Path) -> None:
     try:
         f.write(data)
     except OSError as e:
-        raise _Failure("io_error", f"cannot write destination {path}: {e.strerror or e}", retryable=True) from e
+        raise _dest_failure(path, e) from e
+
+
+def _dest_failure(path: Path, e: OSError) -> _Failure:
+    # Not the source's fault (full disk, missing temp folder): a later run may succeed, but
+    # retrying within this call would only fail again after the backoff sleeps.
+    return _Failure("io_error", f"cannot write destination {path}: {e.strerror or e}", retryable=True, retry_now=False)
 
 
 def _check_progress(total: int, limits: FetchLimits, deadline: float) -> None:
@@ -252,6 +266,16 @@ def _check_size(size: int | None, limits: FetchLimits) -> None:
 
 
 # --- routing -------------------------------------------------------------------------------
+
+
+def local_path(source: str) -> Path | None:
+    """The filesystem path a source names (a plain path or a local file:// URL), else None."""
+    if not is_url(source):
+        return Path(source).expanduser()
+    parts = urlsplit(source)
+    if parts.scheme.lower() == "file" and "::" not in source and parts.netloc in ("", "localhost"):
+        return Path(url2pathname(parts.path))
+    return None
 
 
 def _backend(source: str):
@@ -408,9 +432,9 @@ class _ThreadedHasher:
         self._todo: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
         for _ in range(n_buffers):
             self._free.put(bytearray(chunk_bytes))
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="fetch-sha256", daemon=True)
         self._thread.start()
-        self._closed = False
 
     def __enter__(self):
         return self
@@ -462,7 +486,7 @@ def _fetch_http(url: str, sink: _Sink, limits: FetchLimits, deadline: float) -> 
         except requests.exceptions.ConnectTimeout as e:
             raise _Failure("timeout", f"connect timed out after {timeout[0]:g} s", retryable=True) from e
         except requests.exceptions.ReadTimeout as e:
-            raise _timeout_failure("no response", limits, deadline) from e
+            raise _timeout_failure("waiting for the response", limits, deadline) from e
         except (requests.exceptions.InvalidSchema, requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as e:
             raise _Failure("unsupported_url", f"unsupported URL ({e})") from e
         except requests.exceptions.SSLError as e:

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urljoin, urlparse
 
 from stages.config import ConfigError, DatasetConfig, IngestConfig
-from stages.ingest.fetch import is_url
+from stages.ingest.fetch import is_url, local_path
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ class SourceListing:
         return any(e.label is not None for e in self.entries)
 
 
-def _local_path(source: str) -> Path | None:
-    if source.startswith("file://"):
-        return Path(urlparse(source).path)
-    return None if is_url(source) else Path(source).expanduser()
-
-
 def _suffix(source: str) -> str:
     path = urlparse(source).path if is_url(source) else source
     return PurePosixPath(path).suffix.lower()
@@ -84,7 +78,7 @@ def default_video_id(source: str) -> str:
 def fingerprint(entry: Entry) -> str:
     """What identifies an entry's input: for local files path, size and mtime (cheap, and a
     changed file is re-ingested); for URLs the URL. Label and split are part of it."""
-    local = _local_path(entry.source) if entry.source else None  # "" would stat the working directory
+    local = local_path(entry.source) if entry.source else None  # "" would stat the working directory
     if local is not None:
         try:
             st = local.stat()
@@ -253,7 +247,7 @@ def _list_directory(root: Path, ingest: IngestConfig) -> SourceListing:
 
 
 def _read_text(source: str, ingest: IngestConfig) -> bytes:
-    local = _local_path(source)
+    local = local_path(source)
     try:
         if local is not None:
             return local.read_bytes()
@@ -281,7 +275,7 @@ def _resolve(base: str, value: str) -> str:
         # urljoin leaves s3://, gs://, memory:// ... bases out (it would return `value` alone).
         head, _, path = base.rpartition("://")
         return f"{head}://{PurePosixPath(path).parent / value}"
-    base_path = _local_path(base)
+    base_path = local_path(base)
     return str((base_path.parent / value).resolve())
 
 
@@ -357,7 +351,7 @@ def _list_plain(source: str, ingest: IngestConfig) -> SourceListing:
 def list_source(cfg: DatasetConfig, ingest: IngestConfig) -> SourceListing:
     """Every entry of a dataset's source, de-duplicated by video_id (first one kept)."""
     source = cfg.source
-    local = _local_path(source)
+    local = local_path(source)
     if local is not None and local.is_dir():
         root = local.resolve()
         layout = detect_layout(root, cfg, ingest)
