@@ -35,10 +35,11 @@ STATUS_SQL = {
         FROM videos GROUP BY dataset ORDER BY dataset""",
     "units of work": """
         SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
-               max(created_at) AS last_commit
+               strftime(max(created_at), '%Y-%m-%d %H:%M:%S') AS last_commit
         FROM shards GROUP BY stage, dataset ORDER BY stage, dataset""",
     "recent runs": """
-        SELECT run_id, stage, status, started_at, finished_at, mlflow_run_id
+        SELECT run_id, stage, dataset, status, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,
+               round(epoch(finished_at) - epoch(started_at), 1) AS seconds, mlflow_run_id
         FROM runs ORDER BY started_at DESC LIMIT 8""",
     "failures by cause": """
         SELECT dataset, error_code, count(*) AS videos, any_value(error) AS example

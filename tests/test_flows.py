@@ -146,3 +146,47 @@ def test_killed_run_then_rerun_gives_the_same_catalog(prefect_harness, tmp_path)
     statuses = Catalog(killed_home).rows("SELECT status, count(*) FROM runs WHERE stage = 'ingest' GROUP BY ALL ORDER BY 1")
     assert statuses == [("completed", 1), ("crashed", 1)]
     assert not list(DataRoot(killed_home).tables.rglob("*.partial"))
+
+
+def test_runs_against_a_prefect_server_when_api_url_is_set(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_env = _clean_env(tmp_path / "unused") | {"PREFECT_HOME": str(tmp_path / "prefect-server")}
+    prefect_bin = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen(
+        [prefect_bin, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-services"],
+        env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("prefect server did not come up")
+                time.sleep(0.5)
+        make_video(tmp_path / "src" / "a.mp4", seed=1)
+        home = tmp_path / "home"
+        env = _clean_env(home) | {"PREFECT_API_URL": api}
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "ingest", "--dataset", "srv", "--source", str(tmp_path / "src")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Starting temporary server" not in proc.stderr + proc.stdout
+        (flow_run_id,) = Catalog(home).rows("SELECT prefect_flow_run_id FROM runs WHERE stage = 'ingest'")[0]
+        flow_run = json.loads(urllib.request.urlopen(f"{api}/flow_runs/{flow_run_id}", timeout=10).read())
+        assert flow_run["state"]["type"] == "COMPLETED" and flow_run["name"] == "ingest-srv"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
