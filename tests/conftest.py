@@ -23,6 +23,14 @@ from media_fixtures import make_video  # noqa: E402
 from warehouse.layout import DataRoot  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_dir_cleanup():
+    yield
+    import shutil
+
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
 @pytest.fixture
 def root(tmp_path) -> DataRoot:
     return DataRoot(tmp_path / "home").ensure()

@@ -129,6 +129,7 @@ def test_every_local_bad_input_fails_alone(root, tmp_path):
         assert row["error_code"] == code, (name, row["error"])
         assert str(path) in row["error"], "the error names the input"
     assert rows["good1"]["status"] == rows["good2"]["status"] == "ok"
+    assert rows["good1"]["has_video"] is True and rows["bad/audio"]["has_video"] is False
     assert outcome.summary["failed"] == len(cases) and outcome.errors == []
     # Permanent failures are not retried by a plain rerun.
     again, _ = ingest(root, src)

@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 # Public views and their column order (DESIGN.md "The catalog (SQL contract)"), extras after.
 VIDEOS_COLUMNS = (
     "dataset, video_id, source, sha256, bytes, label, split, status, error, duration_s, fps, width, height, codec, "
-    "ingested_at, splits, n_frames, rotation, container, has_audio, start_time_s, raw_path, error_code, retryable, "
+    "ingested_at, splits, n_frames, rotation, container, has_video, has_audio, start_time_s, raw_path, error_code, retryable, "
     "unit, run_id, config_hash, code_version"
 )
 

@@ -43,6 +43,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("codec", pa.string()),
             ("container", pa.string()),
             ("rotation", pa.int32()),
+            ("has_video", pa.bool_()),
             ("has_audio", pa.bool_()),
             ("start_time_s", pa.float64()),
             ("raw_path", pa.string()),

@@ -168,6 +168,7 @@ def ingest_entry(root: DataRoot, dataset: str, entry: Entry, cfg: IngestConfig) 
             codec=probe.codec,
             container=probe.container,
             rotation=probe.rotation,
+            has_video=probe.has_video,
             has_audio=probe.has_audio,
             start_time_s=probe.start_time_s,
         )
@@ -177,6 +178,8 @@ def ingest_entry(root: DataRoot, dataset: str, entry: Entry, cfg: IngestConfig) 
         # The probe names the stored copy; the user knows the video by its source.
         message = str(e).replace(f"{row.get('raw_path') and root.absolute(row['raw_path'])}: ", "")
         row.update(error=f"{entry.source}: {message}", error_code=e.code)
+        if e.code == "no_video_stream":
+            row["has_video"] = False
     except Exception as e:  # noqa: BLE001 - a bug or an environment fault must not sink the batch
         log.error("ingest of %s failed unexpectedly:\n%s", entry.source, traceback.format_exc())
         row.update(error=f"{entry.source}: unexpected {type(e).__name__}: {e}", error_code="internal", retryable=True)
