@@ -17,16 +17,15 @@ import socket
 import time
 import traceback
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from stages.config import DatasetConfig, IngestConfig, config_hash
 from stages.ingest.fetch import FetchError, FetchLimits, fetch
 from stages.ingest.probe import ProbeError, probe_video
 from stages.ingest.sources import Entry, SourceListing, list_source
 from stages.reporting import Reporter
+from stages.units import UnitRunner, thread_runner
 from warehouse.catalog import Catalog, file_lock
 from warehouse.layout import DataRoot
 from warehouse.tables import clean_partials, now, write_rows
@@ -220,7 +219,6 @@ def ingest_batch(
         if row["status"] != "ok":
             reporter.warning(f"{dataset}/{entry.video_id}: {row['error_code']}: {row['error']}")
         rows.append(row)
-        reporter.advance(1)
     rows_path = root.table_dir("videos", dataset, f"{batch.unit}.parquet")
     write_rows("videos", rows, rows_path)
     n_failed = sum(r["status"] != "ok" for r in rows)
@@ -294,24 +292,6 @@ def summarize(plan: IngestPlan, results: list[BatchResult], seconds: float) -> d
     }
 
 
-# Runs batches and yields (batch, result or the exception that sank the whole batch) as each
-# finishes. The default uses threads; the flow passes one that maps batches onto Prefect tasks.
-BatchRunner = Callable[[list[Batch]], Iterable[tuple[Batch, "BatchResult | BaseException"]]]
-
-
-def thread_runner(root: DataRoot, dataset: str, cfg: IngestConfig, run_id: str, reporter: Reporter) -> BatchRunner:
-    def run(batches: list[Batch]) -> Iterator[tuple[Batch, BatchResult | BaseException]]:
-        with ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="ingest") as pool:
-            pending = {pool.submit(ingest_batch, root, dataset, b, cfg, run_id=run_id, reporter=reporter): b for b in batches}
-            while pending:
-                done, _ = wait_futures(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    batch = pending.pop(fut)
-                    yield batch, (fut.exception() or fut.result())
-
-    return run
-
-
 @dataclass
 class IngestOutcome:
     plan: IngestPlan
@@ -332,7 +312,7 @@ def run_ingest(
     run_id: str,
     force: bool = False,
     reporter: Reporter | None = None,
-    runner: BatchRunner | None = None,
+    runner: UnitRunner = thread_runner,
 ) -> IngestOutcome:
     """Plan the dataset, ingest every pending batch, and summarise. Batch-level crashes (after
     the runner's retries) are collected in `errors`; the other batches still commit."""
@@ -356,7 +336,7 @@ def _clean_leftovers(root: DataRoot, dataset: str) -> int:
 
 def _run_locked(
     root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, run_id: str, force: bool, reporter: Reporter,
-    runner: BatchRunner | None,
+    runner: UnitRunner,
 ) -> IngestOutcome:
     t0 = time.perf_counter()
     plan = plan_ingest(root, dataset, cfg, force=force)
@@ -371,16 +351,18 @@ def _run_locked(
             f"{', '.join(dupes[:10])}{more}"
         )
     record_dataset(root, plan)
-    runner = runner or thread_runner(root, dataset.name, cfg, run_id, reporter)
     results: list[BatchResult] = []
     errors: list[str] = []
     reporter.start_progress(plan.pending, f"ingest {dataset.name}")
-    for batch, result in runner(plan.batches):
+    fn = functools.partial(ingest_batch, root, dataset.name, cfg=cfg, run_id=run_id)
+    name = lambda b: f"ingest-{dataset.name}-{b.unit}"  # noqa: E731
+    for batch, result in runner(fn, plan.batches, workers=cfg.workers, name=name):
         if isinstance(result, BaseException):
             errors.append(f"batch {batch.unit} ({len(batch.entries)} videos): {type(result).__name__}: {result}")
             reporter.warning(f"{dataset.name}: {errors[-1]}")
             continue
         results.append(result)
+        reporter.advance(result.n_videos)
         done = sum(r.n_videos for r in results)
         reporter.metrics({"videos_done": done, "videos_failed": sum(r.n_failed for r in results)}, step=done)
     summary = summarize(plan, results, time.perf_counter() - t0)
