@@ -33,6 +33,14 @@ STATUS_SQL = {
                round(sum(duration_s) FILTER (WHERE status = 'ok') / 60, 1) AS minutes,
                round(sum(bytes) FILTER (WHERE status = 'ok') / 1048576, 1) AS mb
         FROM videos GROUP BY dataset ORDER BY dataset""",
+    "frame samples": """
+        SELECT dataset, variant, fps, size, count(*) AS videos,
+               count(*) FILTER (WHERE status = 'ok') AS ok,
+               count(*) FILTER (WHERE status = 'partial') AS partial,
+               count(*) FILTER (WHERE status = 'failed') AS failed,
+               sum(n_frames) AS frames, count(DISTINCT shard) AS shards,
+               round(sum(bytes) / 1048576, 1) AS mb
+        FROM frame_samples GROUP BY ALL ORDER BY ALL""",
     "units of work": """
         SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
                strftime(max(created_at), '%Y-%m-%d %H:%M:%S') AS last_commit
@@ -96,6 +104,7 @@ def _flows(home: str | None):
     from flows.env import configure_environment
 
     root = configure_environment(home)
+    import flows.frames
     import flows.ingest
     import flows.pipeline
 
@@ -103,6 +112,7 @@ def _flows(home: str | None):
 
 
 def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConfig:
+    """--source, else the --config file's entry, else what the catalog recorded at ingest."""
     if args.source:
         fields = {"name": args.dataset, "source": args.source, "flip_sensitive": args.flip_sensitive}
         if args.layout:
@@ -111,6 +121,17 @@ def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConf
     for ds in file_data.get("datasets") or []:
         if isinstance(ds, dict) and ds.get("name") == args.dataset:
             return build(DatasetConfig, ds)
+    if args.stage != "ingest":
+        from warehouse.catalog import Catalog
+
+        try:
+            rows = Catalog(args.home).rows("SELECT source, layout, flip_sensitive FROM datasets WHERE dataset = ?", [args.dataset])
+        except FileNotFoundError:
+            rows = []
+        if rows:
+            source, _, flip = rows[0]
+            return build(DatasetConfig, {"name": args.dataset, "source": source, "flip_sensitive": bool(flip) or args.flip_sensitive})
+        raise ConfigError(f"dataset {args.dataset!r} has not been ingested into {DataRoot(args.home).home} (run `vimpac run ingest` first)")
     raise ConfigError(f"dataset {args.dataset!r}: give --source, or a --config file that defines it")
 
 
@@ -137,11 +158,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         stage_data = preset(args.stage, args.preset[0]) | stage_data
     # `--set batch_size=4` and `--set ingest.batch_size=4` both address the stage config.
     stage_overrides = [o[len(args.stage) + 1 :] if o.startswith(args.stage + ".") else o for o in overrides]
+    for flag in ("fps", "size", "views"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if args.stage != "frames":
+                raise ConfigError(f"--{flag} applies to `vimpac run frames`")
+            stage_overrides.append(f"{flag}={value}")
     cfg_model = PipelineConfig.model_fields[args.stage].annotation
     stage_cfg = build(cfg_model, stage_data, stage_overrides)
     dataset = _dataset_from_args(args, file_data)
     root, flows = _flows(args.home)
-    summary = flows.ingest.ingest(dataset, stage_cfg, str(root.home), args.force)
+    stage_flow = {"ingest": flows.ingest.ingest, "frames": flows.frames.frames}[args.stage]
+    summary = stage_flow(dataset, stage_cfg, str(root.home), args.force)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -160,11 +188,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def demo_pipeline_file(out_dir: Path, datasets) -> Path:
     import yaml
 
+    # Paper settings scaled for CPU (DESIGN.md: tiny inputs for the demo): 2 FPS for the long
+    # pretraining videos, 4 FPS for the short labeled clips, 64 px views.
     spec = {
         "name": "demo",
         "datasets": [
-            {"name": d.name, "source": str(Path(d.path).resolve()), "flip_sensitive": d.flip_sensitive} for d in datasets
+            {"name": d.name, "source": str(Path(d.path).resolve()), "flip_sensitive": d.flip_sensitive, "fps": 4.0 if d.labeled else 2.0}
+            for d in datasets
         ],
+        "frames": {"size": 64},
     }
     path = out_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -224,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="directory, manifest (.csv/.jsonl/.parquet), list (.txt), video file or URL")
     p.add_argument("--layout", choices=["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"])
     p.add_argument("--flip-sensitive", action="store_true", help="horizontal flips change this dataset's labels")
+    p.add_argument("--fps", type=float, help="frames: sampling rate (paper: 2 for long videos, 4 for short clips)")
+    p.add_argument("--size", type=int, help="frames: view side S in pixels")
+    p.add_argument("--views", choices=["auto", "pretrain", "downstream"], help="frames: which fixed views to cut")
     p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")

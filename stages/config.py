@@ -67,6 +67,26 @@ class IngestConfig(StrictModel):
         return sorted({("." + e.lstrip(".")).lower() for e in v})
 
 
+class FramesConfig(StrictModel):
+    """Decode each video once, sample frames on its own timestamps, cut the paper's fixed views."""
+
+    fps: float = Field(2.0, gt=0, description="Sampling rate in frames per second of video time (paper: 2 for long videos, 4 for short clips).")
+    size: int = Field(128, ge=8, le=4096, description="S, the side of every view in pixels (paper: 128, then 256).")
+    views: Literal["auto", "pretrain", "downstream"] = Field(
+        "auto",
+        description="pretrain: shorter side to S, center crop. downstream: 2 scales x 3 crops x flip (12 views, 6 if flip-sensitive). "
+        "auto: downstream for labeled datasets, pretrain otherwise.",
+    )
+    encoding: Literal["jpg", "npy.zst"] = Field("jpg", description="How a view's frames are stored: one tall JPEG per view, or lossless zstd-compressed arrays.")
+    jpeg_quality: int = Field(95, ge=50, le=100, description="JPEG quality when encoding is jpg.")
+    backend: Literal["auto", "decord", "pyav"] = Field("auto", description="Decoder: decord where it works, PyAV otherwise (auto).")
+    workers: int = operational(default_factory=lambda: os.cpu_count() or 1, ge=1, description="Decoder processes (one decoder thread each); one shard per process.")
+    shard_target_mb: float = operational(256.0, gt=0, description="Target size of a shard; decides how new videos are grouped.")
+    max_videos_per_shard: int = operational(5000, ge=1, description="Upper bound on videos per shard.")
+    decode_timeout_s: float = operational(300.0, gt=0, description="A video whose decoder shows no progress for this long is killed and marked failed.")
+    contact_sheet_videos: int = operational(3, ge=0, description="Videos shown in the contact-sheet PNG logged to MLflow.")
+
+
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
 
 
@@ -82,14 +102,16 @@ class DatasetConfig(StrictModel):
     flip_sensitive: bool = Field(
         False, description="Horizontal flips change the label (e.g. SSv2, left/right motion): no flipped views downstream."
     )
+    fps: float | None = Field(None, gt=0, description="Frame sampling rate for this dataset (default: frames.fps).")
+    views: Literal["pretrain", "downstream"] | None = Field(None, description="Views for this dataset (default: frames.views).")
 
 
 class TrackingConfig(StrictModel):
     experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
 
 
-Stage = Literal["ingest"]
-STAGES: tuple[str, ...] = ("ingest",)
+Stage = Literal["ingest", "frames"]
+STAGES: tuple[str, ...] = ("ingest", "frames")
 
 
 class PipelineConfig(StrictModel):
@@ -99,6 +121,7 @@ class PipelineConfig(StrictModel):
     datasets: list[DatasetConfig] = Field(default_factory=list, description="Datasets to process.")
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in DAG order.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    frames: FramesConfig = Field(default_factory=FramesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("datasets")
@@ -119,6 +142,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "web": {"workers": 16, "retries": 5, "backoff_s": 2.0, "read_timeout_s": 60.0},
         # Local files on a fast disk: fewer, larger units.
         "local": {"batch_size": 64},
+    },
+    "frames": {
+        "default": {},
+        # The paper's pretraining input: 2 FPS, 128 px, one center view (Section 4.1).
+        "pretrain": {"fps": 2.0, "size": 128, "views": "pretrain"},
+        # Downstream short clips: 4 FPS and the 12 fixed views (Appendix C, Table 4).
+        "downstream": {"fps": 4.0, "size": 128, "views": "downstream"},
+        # The second pretraining phase at 256 px.
+        "pretrain-256": {"fps": 2.0, "size": 256, "views": "pretrain"},
+        # CPU tests and the demo: 64 px views.
+        "tiny": {"size": 64},
     },
 }
 

@@ -85,7 +85,7 @@ def test_parse_override_rejects_malformed(item):
         ("ingest.backoff_s=-1", "ingest.backoff_s"),
         ("ingest.retry_failed=[1]", "ingest.retry_failed"),
         ("ingest.extensions=5", "ingest.extensions"),
-        ("stages=[frames]", "stages.0"),
+        ("stages=[pretrain]", "stages.0"),
         ("ingest=5", "ingest"),
     ],
 )
@@ -165,7 +165,7 @@ def test_unknown_preset_lists_known_ones():
 
 def test_unknown_preset_stage():
     with pytest.raises(ConfigError, match="known: none"):
-        preset("frames", "default")
+        preset("evaluate", "default")
 
 
 def test_unknown_preset_through_resolve_pipeline():
@@ -274,7 +274,7 @@ def test_resolve_pipeline_without_file():
     cfg = resolve_pipeline(overrides=["name=adhoc"], presets={"ingest": "local"})
     assert cfg.name == "adhoc"
     assert cfg.ingest.batch_size == PRESETS["ingest"]["local"]["batch_size"]
-    assert cfg.datasets == [] and cfg.stages == ["ingest"]
+    assert cfg.datasets == [] and cfg.stages == ["ingest", "frames"]
 
 
 def test_duplicate_dataset_names_are_rejected(conf_dir):

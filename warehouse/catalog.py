@@ -20,9 +20,9 @@ import duckdb
 import pyarrow as pa
 
 from warehouse.layout import DataRoot
-from warehouse.tables import SCHEMAS, ensure_schema_file
+from warehouse.tables import SCHEMAS, ensure_schema_file, table_glob
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Public views and their column order (DESIGN.md "The catalog (SQL contract)"), extras after.
 VIDEOS_COLUMNS = (
@@ -32,13 +32,9 @@ VIDEOS_COLUMNS = (
 )
 
 
-def _glob(root: DataRoot, table: str) -> str:
-    return (root.tables / table).as_posix() + "/*/*.parquet"
-
-
 def view_ddl(root: DataRoot) -> list[str]:
     def src(table: str) -> str:
-        path = _glob(root, table).replace("'", "''")
+        path = table_glob(root.home, table).replace("'", "''")
         return f"read_parquet('{path}', union_by_name=true)"
 
     return [
@@ -75,13 +71,20 @@ def view_ddl(root: DataRoot) -> list[str]:
             SELECT run_id, stage, mlflow_run_id, prefect_flow_run_id, config, status, started_at, finished_at,
                    parent_run_id, dataset, error, summary, host, pid
             FROM {src('runs')}""",
+        f"CREATE OR REPLACE VIEW frame_samples_log AS SELECT * FROM {src('frame_samples')}",
+        # Committed shards only; a video re-sampled (new content, --force) shows its latest row
+        # per variant and config.
+        """CREATE OR REPLACE VIEW frame_samples AS
+           SELECT f.* FROM frame_samples_log f
+           SEMI JOIN shards s ON s.stage = 'frames' AND s.dataset = f.dataset AND s.unit = f.unit
+           QUALIFY row_number() OVER (
+               PARTITION BY f.dataset, f.video_id, f.fps, f.size, f.variant, f.config_hash ORDER BY f.created_at DESC) = 1""",
         f"""CREATE OR REPLACE VIEW datasets AS
             SELECT * FROM {src('datasets')}
             QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY updated_at DESC) = 1""",
     ]
 
 
-PUBLIC_VIEWS = ("videos", "shards", "runs", "datasets", "videos_log", "shards_log")
 
 
 @contextmanager
@@ -104,7 +107,7 @@ class Catalog:
         """Create the data root and every table's schema file (idempotent, no DuckDB write)."""
         self.root.ensure()
         for name in SCHEMAS:
-            ensure_schema_file(self.root.tables, name)
+            ensure_schema_file(self.root.home, name)
 
     def _install(self, con: duckdb.DuckDBPyConnection) -> None:
         for ddl in view_ddl(self.root):
@@ -153,6 +156,11 @@ class Catalog:
                 con.close()
         if not (self.root.tables / "videos" / "_schema" / "_schema.parquet").exists():
             raise FileNotFoundError(f"no vimpac catalog under {self.root.home} (run a stage first, or pass --home)")
+        try:
+            # A data root written by an older version gets the current schema files.
+            self.ensure_tables()
+        except PermissionError:
+            pass
         con = duckdb.connect(":memory:")
         self._install(con)
         return con

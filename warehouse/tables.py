@@ -91,6 +91,36 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("finished_at", TS),
         ]
     ),
+    # One row per video per frame shard, written beside the shard's tar.
+    "frame_samples": pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("video_id", pa.string()),
+            ("shard", pa.string()),
+            ("fps", pa.float64()),
+            ("size", pa.int32()),
+            ("variant", pa.string()),
+            ("n_frames", pa.int64()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("error_code", pa.string()),
+            ("expected_frames", pa.int64()),
+            ("views", pa.list_(pa.string())),
+            ("key", pa.string()),
+            ("sha256", pa.string()),
+            ("backend", pa.string()),
+            ("fallback_reason", pa.string()),
+            ("source_duration_s", pa.float64()),
+            ("decode_s", pa.float64()),
+            ("bytes", pa.int64()),
+            ("encoding", pa.string()),
+            ("unit", pa.string()),
+            ("config_hash", pa.string()),
+            ("code_version", pa.string()),
+            ("run_id", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
     "datasets": pa.schema(
         [
             ("dataset", pa.string()),
@@ -150,9 +180,30 @@ def write_rows(name: str, rows: Iterable[Mapping[str, Any]], path: str | os.Path
     return write_parquet_atomic(to_table(name, rows), path)
 
 
-def ensure_schema_file(tables_dir: Path, name: str) -> Path:
-    path = tables_dir / name / "_schema" / "_schema.parquet"
-    if not path.exists():
+# Where each table's files live under the data root, and how many folder levels sit between
+# that base and a file: the catalog reads `<base>/*/.../*.parquet`.
+LOCATIONS: dict[str, tuple[str, int]] = {
+    "videos": ("tables/videos", 1),
+    "shards": ("tables/shards", 1),
+    "runs": ("tables/runs", 1),
+    "datasets": ("tables/datasets", 1),
+    # shards/frames/<dataset>/<variant>/NNNNN.parquet
+    "frame_samples": ("shards/frames", 2),
+}
+
+
+def table_glob(home: Path, name: str) -> str:
+    base, depth = LOCATIONS[name]
+    return (home / base).as_posix() + "/*" * depth + "/*.parquet"
+
+
+def ensure_schema_file(home: Path, name: str) -> Path:
+    """A zero-row file where the table's glob finds it, so its view has every column even
+    before the first write (DuckDB refuses a glob that matches nothing), and so a column
+    added in a newer version reads as NULL in files written before it."""
+    base, depth = LOCATIONS[name]
+    path = home / base / Path(*(["_schema"] * depth)) / "_schema.parquet"
+    if not path.exists() or not pq.read_schema(path).equals(SCHEMAS[name], check_metadata=False):
         write_parquet_atomic(SCHEMAS[name].empty_table(), path)
     return path
 
