@@ -46,21 +46,26 @@ def test_pipeline_flow_tracks_parent_and_nested_runs(prefect_harness, tmp_path):
         name="flow-test",
         datasets=[DatasetConfig(name="labeled", source=str(tmp_path / "a")), DatasetConfig(name="mixed", source=str(tmp_path / "b"))],
         ingest=IngestConfig(workers=2, batch_size=2),
+        frames={"size": 32, "fps": 4.0, "workers": 2},
         tracking={"experiment": "flow-test"},
     )
     home = tmp_path / "home"
     summaries = pipeline(cfg, str(home))
     assert summaries["ingest/labeled"]["ok"] == 2 and summaries["ingest/mixed"]["failed"] == 5
+    assert summaries["frames/labeled"]["ok"] == 2 and summaries["frames/labeled"]["n_views"] == 12
+    assert summaries["frames/mixed"]["ok"] == 1 and summaries["frames/mixed"]["n_views"] == 1
 
     catalog = Catalog(home)
-    runs = {r["stage"] + "/" + (r["dataset"] or ""): r for r in catalog.query("SELECT * FROM runs").to_pylist()}
+    runs = {r["stage"] + "/" + (r["dataset"] or ""): r for r in catalog.query("SELECT * FROM runs ORDER BY started_at").to_pylist()}
     parent = runs["pipeline/"]
     assert parent["status"] == "completed"
-    for key in ("ingest/labeled", "ingest/mixed"):
+    for key in ("ingest/labeled", "ingest/mixed", "frames/labeled", "frames/mixed"):
         run = runs[key]
         assert run["status"] == "completed" and run["parent_run_id"] == parent["run_id"]
         assert run["prefect_flow_run_id"] and run["mlflow_run_id"]
-        assert json.loads(run["config"])["ingest"]["batch_size"] == 2
+        stage = key.split("/")[0]
+        expected = {"ingest": ("batch_size", 2), "frames": ("size", 32)}[stage]
+        assert json.loads(run["config"])[stage][expected[0]] == expected[1]
 
     client = mlflow.tracking.MlflowClient()
     child = client.get_run(runs["ingest/mixed"]["mlflow_run_id"])
@@ -73,9 +78,15 @@ def test_pipeline_flow_tracks_parent_and_nested_runs(prefect_harness, tmp_path):
     failures = Path(mlflow.artifacts.download_artifacts(run_id=child.info.run_id, artifact_path="failures.csv", dst_path=str(tmp_path / "dl")))
     assert "undecodable" in failures.read_text() and "truncated" in failures.read_text()
 
+    frames_run = client.get_run(runs["frames/labeled"]["mlflow_run_id"])
+    assert frames_run.data.tags["mlflow.parentRunId"] == parent["mlflow_run_id"]
+    assert frames_run.data.metrics["frames"] > 0 and "source_seconds_per_s" in frames_run.data.metrics
+    assert {"contact_sheet.png", "frames_stats.json", "frames_config.json"} <= {a.path for a in client.list_artifacts(frames_run.info.run_id)}
+
     # A second pipeline run does no work and says so.
     again = pipeline(cfg, str(home))
     assert again["ingest/labeled"]["processed"] == 0 and again["ingest/mixed"]["cached"] == 6
+    assert again["frames/labeled"]["videos"] == 0 and again["frames/labeled"]["shards_cached"] >= 1
 
 
 def test_cli_ingest_sql_status_with_state_in_the_data_root(tmp_path):

@@ -63,6 +63,9 @@ def decode_video(job: dict[str, Any], settings: WorkerSettings, scratch: Path, h
     except DecodeError as e:
         return {"status": "failed", "error_code": e.code, "error": str(e), "n_frames": 0, "decode_s": time.perf_counter() - t0}
     report = sampler.report
+    if not times:
+        return {"status": "failed", "error_code": "undecodable", "n_frames": 0, "decode_s": time.perf_counter() - t0,
+                "error": f"{job['source']}: no frame could be sampled ({report.error or 'decoder produced none'})"}
     files: dict[str, str] = {}
     ext = extension(settings.encoding)
     total = 0
