@@ -166,14 +166,18 @@ def plan_frames(root: DataRoot, dataset: DatasetConfig, cfg: FramesConfig, *, fo
         if (vid, sha) not in assigned
     ]
     next_number = max((p.number for p in plans), default=-1) + 1
-    # Size new shards by their expected output, so a shard holds about shard_target_mb.
+    # Size new shards by their expected output, so a shard holds about shard_target_mb; but
+    # cut at least one shard per worker when there is little new data, or a small dataset
+    # would decode on one core. Membership is saved below, so this never changes later.
     per_second = cfg.fps * len(names) * cfg.size * cfg.size * 3 * _BYTES_PER_PIXEL[cfg.encoding]
+    estimates = [max(m.duration_s, 1.0 / cfg.fps) * per_second for m in new]
     target = cfg.shard_target_mb * 2**20
+    if new:
+        target = min(target, sum(estimates) / min(cfg.workers, len(new)))
     chunks: list[list[Member]] = []
     current: list[Member] = []
     size = 0.0
-    for m in new:
-        est = max(m.duration_s, 1.0 / cfg.fps) * per_second
+    for m, est in zip(new, estimates):
         if current and (size + est > target or len(current) >= cfg.max_videos_per_shard):
             chunks.append(current)
             current, size = [], 0.0
