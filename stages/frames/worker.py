@@ -61,7 +61,9 @@ def decode_video(job: dict[str, Any], settings: WorkerSettings, scratch: Path, h
             pts.append(round(frame.pts_s, 6))
             heartbeat(len(times))
     except DecodeError as e:
-        return {"status": "failed", "error_code": e.code, "error": str(e), "n_frames": 0, "decode_s": time.perf_counter() - t0}
+        # The decoder names the raw-store copy; the user knows the video by its source.
+        message = str(e).replace(str(job["path"]), job["source"])
+        return {"status": "failed", "error_code": e.code, "error": message, "n_frames": 0, "decode_s": time.perf_counter() - t0}
     report = sampler.report
     if not times:
         return {"status": "failed", "error_code": "undecodable", "n_frames": 0, "decode_s": time.perf_counter() - t0,
@@ -96,7 +98,8 @@ def decode_video(job: dict[str, Any], settings: WorkerSettings, scratch: Path, h
     status = "partial" if report.partial else "ok"
     error = None
     if report.partial:
-        error = f"{job['source']}: decoded {len(times)} of {report.expected_samples} expected frames: {report.error}"
+        cause = (report.error or "").replace(str(job["path"]), job["source"])
+        error = f"{job['source']}: decoded {len(times)} of {report.expected_samples} expected frames: {cause}"
     return {
         "status": status,
         "error_code": "partial" if report.partial else None,
