@@ -52,6 +52,8 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from stages.errors import StageError
+
 __all__ = ["DecodeError", "DecodeReport", "FrameSampler", "SampledFrame"]
 
 # Failure codes (DecodeError.code).
@@ -97,21 +99,8 @@ _DECORD_NO_TS = -1e9
 _DECORD_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
-class DecodeError(Exception):
+class DecodeError(StageError):
     """A video that yields no samples; `code` says why, `str(err)` names the file and the cause."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self):
-        # Exception pickles as cls(*args), which would drop `code`; decoding runs in worker
-        # processes whose errors travel back pickled.
-        return (type(self), (self.code, self.message))
 
 
 @dataclass(frozen=True)

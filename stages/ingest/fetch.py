@@ -33,6 +33,8 @@ from urllib.request import url2pathname
 import requests
 import urllib3.exceptions
 
+from stages.errors import StageError
+
 __all__ = ["FetchError", "FetchLimits", "FetchResult", "fetch", "is_url", "local_path"]
 
 USER_AGENT = "vimpac/0.1"
@@ -60,7 +62,7 @@ _SUFFIX_RE = re.compile(r"^\.[a-z0-9]{1,10}$")
 _SECRET_PARAM_RE = re.compile(r"sig|token|key|secret|credential|password|auth", re.IGNORECASE)
 
 
-class FetchError(Exception):
+class FetchError(StageError):
     """A source could not be copied.
 
     `code` is a short machine code ("not_found", "http_404", "timeout", ...), `retryable` says
@@ -68,18 +70,8 @@ class FetchError(Exception):
     """
 
     def __init__(self, code: str, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.code = code
+        super().__init__(code, message)
         self.retryable = retryable
-
-    def __reduce__(self):
-        # The default reduce replays only self.args, which would drop `code` and `retryable`
-        # when the error crosses a process boundary (process pools, Prefect result storage).
-        return (_rebuild_fetch_error, (self.code, str(self), self.retryable))
-
-
-def _rebuild_fetch_error(code: str, message: str, retryable: bool) -> FetchError:
-    return FetchError(code, message, retryable=retryable)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import av
 
+from stages.errors import StageError
+
 __all__ = ["ProbeError", "ProbeResult", "probe_video"]
 
 # Failure codes (ProbeError.code).
@@ -76,21 +78,8 @@ _MAX_TOP_LEVEL_BOXES = 100_000
 _MKV_DURATION = re.compile(r"^(\d+):(\d{2}):(\d{2}(?:\.\d+)?)$")
 
 
-class ProbeError(Exception):
+class ProbeError(StageError):
     """A video that cannot be catalogued; `code` says why, `str(err)` says it in a sentence."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self):
-        # Exception pickles as cls(*args), which would drop `code`; probes may run in worker
-        # processes whose errors travel back pickled.
-        return (type(self), (self.code, self.message))
 
 
 @dataclass(frozen=True)
