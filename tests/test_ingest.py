@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from media_fixtures import make_bad_inputs, make_video
-from stages.config import DatasetConfig, IngestConfig, build
+from stages.config import DatasetConfig, IngestConfig
 from stages.ingest.stage import plan_ingest, run_ingest
 from stages.reporting import RecordingReporter
 from warehouse.catalog import Catalog

@@ -28,7 +28,7 @@ from stages.config import DatasetConfig, FramesConfig, config_hash
 from stages.frames.views import view_names
 from stages.frames.worker import DecodeWorker, WorkerSettings
 from stages.reporting import Reporter
-from stages.units import UnitRunner, thread_runner
+from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
 from warehouse.layout import DataRoot
 from warehouse.shards import ShardWriter, commit_shard, stats_path, write_json_atomic
@@ -308,16 +308,7 @@ def build_shard(
     )
 
 
-@dataclass
-class FramesOutcome:
-    plan: FramesPlan
-    results: list[ShardResult]
-    errors: list[str]
-    summary: dict
-
-    @property
-    def failures(self) -> list[dict]:
-        return [f for r in self.results for f in r.failures]
+FramesOutcome = StageOutcome
 
 
 def _clean_leftovers(root: DataRoot, plan: FramesPlan) -> int:
@@ -349,22 +340,18 @@ def run_frames(
         if removed:
             reporter.info(f"{dataset.name}: removed {removed} partial files left by an interrupted run")
         reporter.info(plan.describe())
-        fn = functools.partial(_build_unit, root, plan, run_id)
-        results: list[ShardResult] = []
-        errors: list[str] = []
         reporter.start_progress(sum(len(s.members) for s in plan.pending), f"frames {dataset.name}")
-        name = lambda s: f"frames-{dataset.name}-{s.name}"  # noqa: E731
-        for shard, result in runner(fn, plan.pending, workers=plan.config.workers, name=name):
-            if isinstance(result, BaseException):
-                errors.append(f"shard {shard.name} ({len(shard.members)} videos): {type(result).__name__}: {result}")
-                reporter.warning(f"{dataset.name}: {errors[-1]}")
-                continue
-            results.append(result)
-            reporter.advance(result.n_videos)
-            reporter.metrics(
-                {"videos_done": sum(r.n_videos for r in results), "frames_done": sum(r.frames for r in results)},
-                step=sum(r.n_videos for r in results),
-            )
+        results, errors = run_units(
+            runner,
+            functools.partial(_build_unit, root, plan, run_id),
+            plan.pending,
+            workers=plan.config.workers,
+            name=lambda s: f"frames-{dataset.name}-{s.name}",
+            describe=lambda s: f"shard {s.name} ({len(s.members)} videos)",
+            reporter=reporter,
+            label=dataset.name,
+            progress=lambda rs: {"videos_done": sum(r.n_videos for r in rs), "frames_done": sum(r.frames for r in rs)},
+        )
         seconds = time.perf_counter() - t0
         summary = summarize(plan, results, seconds)
         summary["shard_errors"] = len(errors)

@@ -25,7 +25,7 @@ from stages.ingest.fetch import FetchError, FetchLimits, fetch
 from stages.ingest.probe import ProbeError, probe_video
 from stages.ingest.sources import Entry, SourceListing, list_source
 from stages.reporting import Reporter
-from stages.units import UnitRunner, thread_runner
+from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
 from warehouse.layout import DataRoot
 from warehouse.tables import clean_partials, now, write_rows
@@ -292,16 +292,7 @@ def summarize(plan: IngestPlan, results: list[BatchResult], seconds: float) -> d
     }
 
 
-@dataclass
-class IngestOutcome:
-    plan: IngestPlan
-    results: list[BatchResult]
-    errors: list[str]
-    summary: dict
-
-    @property
-    def failures(self) -> list[dict]:
-        return [f for r in self.results for f in r.failures]
+IngestOutcome = StageOutcome
 
 
 def run_ingest(
@@ -351,20 +342,18 @@ def _run_locked(
             f"{', '.join(dupes[:10])}{more}"
         )
     record_dataset(root, plan)
-    results: list[BatchResult] = []
-    errors: list[str] = []
     reporter.start_progress(plan.pending, f"ingest {dataset.name}")
-    fn = functools.partial(ingest_batch, root, dataset.name, cfg=cfg, run_id=run_id)
-    name = lambda b: f"ingest-{dataset.name}-{b.unit}"  # noqa: E731
-    for batch, result in runner(fn, plan.batches, workers=cfg.workers, name=name):
-        if isinstance(result, BaseException):
-            errors.append(f"batch {batch.unit} ({len(batch.entries)} videos): {type(result).__name__}: {result}")
-            reporter.warning(f"{dataset.name}: {errors[-1]}")
-            continue
-        results.append(result)
-        reporter.advance(result.n_videos)
-        done = sum(r.n_videos for r in results)
-        reporter.metrics({"videos_done": done, "videos_failed": sum(r.n_failed for r in results)}, step=done)
+    results, errors = run_units(
+        runner,
+        functools.partial(ingest_batch, root, dataset.name, cfg=cfg, run_id=run_id),
+        plan.batches,
+        workers=cfg.workers,
+        name=lambda b: f"ingest-{dataset.name}-{b.unit}",
+        describe=lambda b: f"batch {b.unit} ({len(b.entries)} videos)",
+        reporter=reporter,
+        label=dataset.name,
+        progress=lambda rs: {"videos_done": sum(r.n_videos for r in rs), "videos_failed": sum(r.n_failed for r in rs)},
+    )
     summary = summarize(plan, results, time.perf_counter() - t0)
     summary["batch_errors"] = len(errors)
     reporter.info(
