@@ -112,6 +112,14 @@ def test_cli_ingest_sql_status_with_state_in_the_data_root(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 cached" in second.stdout + second.stderr and "nothing to do" in second.stdout + second.stderr
 
+    frames = _vimpac("run", "frames", "--dataset", "cli", "--fps", "4", "--size", "32", "--views", "downstream", home=home)
+    assert frames.returncode == 0, frames.stderr[-3000:]
+    got = _vimpac("sql", "SELECT count(*) AS n, min(len(views)) AS v, min(n_frames) AS t FROM frame_samples WHERE status = 'ok'",
+                  "--format", "json", home=home)
+    assert json.loads(got.stdout) == [{"n": 3, "v": 12, "t": 4}]
+    not_ingested = _vimpac("run", "frames", "--dataset", "other", home=home)
+    assert not_ingested.returncode == 2 and "has not been ingested" in not_ingested.stderr
+
     bad_sql = _vimpac("sql", "SELECT nope FROM videos", home=home)
     assert bad_sql.returncode == 2 and "SQL error" in bad_sql.stderr
     bad_key = _vimpac("run", "ingest", "--dataset", "cli", "--source", str(src), "--set", "batch_sise=2", home=home)
