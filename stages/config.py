@@ -87,6 +87,27 @@ class FramesConfig(StrictModel):
     contact_sheet_videos: int = operational(3, ge=0, description="Videos shown in the contact-sheet PNG logged to MLflow.")
 
 
+class TokenizerConfig(StrictModel):
+    """Train a VQ-VAE image tokenizer on frames sampled at random across a dataset's videos."""
+
+    preset: Literal["tiny", "small", "base"] = Field("base", description="VQ-VAE preset (models/vqvae.py): tiny for CPU tests, base = 8x / 8192 codes.")
+    codebook_size: int | None = Field(None, ge=2, description="Override the preset's number of codes.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Frames per step.")
+    lr: float = Field(3e-4, gt=0, description="AdamW peak learning rate (linear warm-up, cosine decay).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    view: str = Field("s100_c", description="Which stored view frames are drawn from (s100_c exists in every variant).")
+    size: int | None = Field(None, ge=8, description="Frame size S of the frame shards to train on (default: frames.size).")
+    shuffle_buffer: int = Field(2048, ge=1, description="Frames held for shuffling across videos.")
+    seed: int = Field(0, description="Seed for sampling and initialisation.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    device: str = operational("auto", description="auto, cpu, cuda or cuda:N.")
+    checkpoint_every: int = operational(500, ge=1, description="Steps between checkpoints (resume point).")
+    log_every: int = operational(50, ge=1, description="Steps between logged metrics.")
+    register_as: str | None = operational(None, description="MLflow registered model name (default: vimpac-tokenizer-<dataset>).")
+
+
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
 
 
@@ -122,6 +143,7 @@ class PipelineConfig(StrictModel):
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES), description="Stages to run, in DAG order.")
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     frames: FramesConfig = Field(default_factory=FramesConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("datasets")
@@ -153,6 +175,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "pretrain-256": {"fps": 2.0, "size": 256, "views": "pretrain"},
         # CPU tests and the demo: 64 px views.
         "tiny": {"size": 64},
+    },
+    "tokenizer": {
+        "default": {},
+        # CPU tests and the demo: a small model that learns in a few hundred steps.
+        "tiny": {"preset": "tiny", "steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 100},
+        "small": {"preset": "small", "steps": 5000},
     },
 }
 
