@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from stages.config import (
+    PRESETS,
     STAGES,
     ConfigError,
     DatasetConfig,
@@ -41,6 +42,10 @@ STATUS_SQL = {
                sum(n_frames) AS frames, count(DISTINCT shard) AS shards,
                round(sum(bytes) / 1048576, 1) AS mb
         FROM frame_samples GROUP BY ALL ORDER BY ALL""",
+    "token samples": """
+        SELECT dataset, tokenizer, variant, size, count(*) AS videos, sum(n_frames * n_views) AS frames,
+               any_value(grid_h) || 'x' || any_value(grid_w) AS grid, count(DISTINCT shard) AS shards
+        FROM token_samples GROUP BY ALL ORDER BY ALL""",
     "units of work": """
         SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
                strftime(max(created_at), '%Y-%m-%d %H:%M:%S') AS last_commit
@@ -107,6 +112,7 @@ def _flows(home: str | None):
     import flows.frames
     import flows.ingest
     import flows.pipeline
+    import flows.tokenizer
 
     return root, flows
 
@@ -158,17 +164,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         stage_data = preset(args.stage, args.preset[0]) | stage_data
     # `--set batch_size=4` and `--set ingest.batch_size=4` both address the stage config.
     stage_overrides = [o[len(args.stage) + 1 :] if o.startswith(args.stage + ".") else o for o in overrides]
-    for flag in ("fps", "size", "views"):
+    for flag, stages in (("fps", ("frames",)), ("size", ("frames", "tokenizer", "tokenize")), ("views", ("frames",)),
+                         ("tokenizer", ("tokenize",))):
         value = getattr(args, flag, None)
         if value is not None:
-            if args.stage != "frames":
-                raise ConfigError(f"--{flag} applies to `vimpac run frames`")
+            if args.stage not in stages:
+                raise ConfigError(f"--{flag} applies to `vimpac run {'|'.join(stages)}`")
             stage_overrides.append(f"{flag}={value}")
     cfg_model = PipelineConfig.model_fields[args.stage].annotation
     stage_cfg = build(cfg_model, stage_data, stage_overrides)
     dataset = _dataset_from_args(args, file_data)
     root, flows = _flows(args.home)
-    stage_flow = {"ingest": flows.ingest.ingest, "frames": flows.frames.frames}[args.stage]
+    stage_flow = {
+        "ingest": flows.ingest.ingest, "frames": flows.frames.frames,
+        "tokenizer": flows.tokenizer.tokenizer, "tokenize": flows.tokenizer.tokenize,
+    }[args.stage]
     summary = stage_flow(dataset, stage_cfg, str(root.home), args.force)
     print(json.dumps(summary, indent=1, default=str))
     return 0
@@ -197,6 +207,8 @@ def demo_pipeline_file(out_dir: Path, datasets) -> Path:
             for d in datasets
         ],
         "frames": {"size": 64},
+        # A tiny VQ-VAE trained on the pretraining set (CPU: about a minute).
+        "tokenizer": PRESETS["tokenizer"]["tiny"] | {"register_as": "vimpac-tokenizer-demo"},
     }
     path = out_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -219,6 +231,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("[3/3] catalog summary (vimpac status):")
     cmd_status(argparse.Namespace(home=str(root.home)))
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; query it with: vimpac --home {root.home} sql \"SELECT * FROM videos\"")
+    return 0
+
+
+def cmd_tokens_png(args: argparse.Namespace) -> int:
+    """Decode a video's tokens back to frames through the tokenizer's decoder."""
+    root, flows = _flows(args.home)
+    from stages.tokenize.render import render_tokens
+    from stages.tokenize.stage import pick_device
+
+    loaded = flows.tokenizer.resolve_tokenizer(args.tokenizer, pick_device("auto"))
+    out = render_tokens(root, args.dataset, args.video_id, loaded, args.out, views=args.view or None, max_frames=args.max_frames)
+    print(f"wrote {out}")
     return 0
 
 
@@ -259,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="frames: sampling rate (paper: 2 for long videos, 4 for short clips)")
     p.add_argument("--size", type=int, help="frames: view side S in pixels")
     p.add_argument("--views", choices=["auto", "pretrain", "downstream"], help="frames: which fixed views to cut")
+    p.add_argument("--tokenizer", help="tokenize: models:/NAME/VERSION, a checkpoint path, or dalle:ENC[,DEC]")
     p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")
@@ -273,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="short catalog summary")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("tokens-png", parents=[common], help="render a video's tokens back to a frame grid PNG")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--video-id", required=True)
+    p.add_argument("--tokenizer", required=True, help="the tokenizer that made the tokens (models:/NAME/VERSION or a path)")
+    p.add_argument("--view", action="append", help="views to render (default: all)")
+    p.add_argument("--max-frames", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path("tokens.png"))
+    p.set_defaults(func=cmd_tokens_png)
 
     p = sub.add_parser("config", parents=[common], help="print the resolved pipeline config")
     p.add_argument("--config", type=Path)

@@ -1,4 +1,8 @@
-"""The `pipeline` flow: every configured stage for every dataset, under one parent MLflow run."""
+"""The `pipeline` flow: every configured stage, in DAG order, under one parent MLflow run.
+
+ingest and frames run per dataset; the tokenizer is trained once (on the pretraining
+datasets) and registered; tokenize then encodes every dataset with it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from warehouse.layout import DataRoot
 
 from flows.frames import frames
 from flows.ingest import ingest
+from flows.tokenizer import tokenize, tokenizer
 from flows.tracking import tracked_run
 
 
@@ -17,26 +22,50 @@ from flows.tracking import tracked_run
 def pipeline(config: PipelineConfig, home: str | None = None, force: bool = False) -> dict:
     logger = get_run_logger()
     root = DataRoot(home).ensure()
-    Catalog(root).refresh()
+    catalog = Catalog(root)
+    catalog.refresh()
     summaries: dict[str, dict] = {}
     failed: list[str] = []
-    stage_flows = {"ingest": (ingest, config.ingest), "frames": (frames, config.frames)}
+
+    def run(stage: str, stage_flow, key: str, *args, **kwargs) -> dict | None:
+        # One dataset's failure (an unreadable source, say) must not stop the others.
+        state = stage_flow(*args, return_state=True, **kwargs)
+        if state.is_completed():
+            summaries[f"{stage}/{key}"] = state.result()
+            return summaries[f"{stage}/{key}"]
+        failed.append(f"{key}/{stage}: {state.message}")
+        logger.error(f"{stage} of {key} failed: {state.message}")
+        return None
+
     with tracked_run(root, "pipeline", config.model_dump() | {"force": force}, logger=logger, run_name=config.name,
                      experiment=config.tracking.experiment) as ctx:
+        per_dataset = {"ingest": (ingest, config.ingest), "frames": (frames, config.frames)}
         for ds in config.datasets:
-            for stage in config.stages:
+            for stage in (s for s in config.stages if s in per_dataset):
                 if any(f.startswith(f"{ds.name}/") for f in failed):
                     # A later stage never runs on a dataset whose earlier stage failed.
                     logger.warning(f"{stage} of {ds.name} skipped: an earlier stage failed")
                     continue
-                stage_flow, stage_cfg = stage_flows[stage]
-                # One dataset's failure (an unreadable source, say) must not stop the others.
-                state = stage_flow(ds, stage_cfg, str(root.home), force, return_state=True)
-                if state.is_completed():
-                    summaries[f"{stage}/{ds.name}"] = state.result()
-                else:
-                    failed.append(f"{ds.name}/{stage}: {state.message}")
-                    logger.error(f"{stage} of {ds.name} failed: {state.message}")
+                stage_flow, stage_cfg = per_dataset[stage]
+                run(stage, stage_flow, ds.name, ds, stage_cfg, str(root.home), force)
+
+        tokenizer_ref = config.tokenize.tokenizer
+        if "tokenizer" in config.stages and config.datasets:
+            labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
+            names = [d.name for d in config.datasets]
+            train_on = config.tokenizer.datasets or [n for n in names if not labeled.get(n)] or names
+            first = next(d for d in config.datasets if d.name == train_on[0])
+            trained = run("tokenizer", tokenizer, "+".join(train_on), first, config.tokenizer, str(root.home), force,
+                          frame_size=config.tokenizer.size or config.frames.size, train_on=train_on)
+            if trained is not None and not tokenizer_ref:
+                tokenizer_ref = trained["model_uri"]
+        if "tokenize" in config.stages:
+            tokenize_cfg = config.tokenize.model_copy(update={"tokenizer": tokenizer_ref})
+            for ds in config.datasets:
+                if any(f.startswith(f"{ds.name}/") for f in failed) or not tokenizer_ref:
+                    logger.warning(f"tokenize of {ds.name} skipped: an earlier stage failed or no tokenizer is available")
+                    continue
+                run("tokenize", tokenize, ds.name, ds, tokenize_cfg, str(root.home), force)
         ctx.record.summary = {"stages": summaries, "failed": failed}
         if failed:
             raise RuntimeError(f"{len(failed)} stage runs failed: " + "; ".join(failed))

@@ -105,7 +105,26 @@ class TokenizerConfig(StrictModel):
     device: str = operational("auto", description="auto, cpu, cuda or cuda:N.")
     checkpoint_every: int = operational(500, ge=1, description="Steps between checkpoints (resume point).")
     log_every: int = operational(50, ge=1, description="Steps between logged metrics.")
-    register_as: str | None = operational(None, description="MLflow registered model name (default: vimpac-tokenizer-<dataset>).")
+    datasets: list[str] | None = Field(
+        None, description="Datasets whose frames train the tokenizer (default: the pipeline's unlabeled datasets, else all)."
+    )
+    register_as: str = operational("vimpac-tokenizer", description="MLflow registered model name.")
+
+
+class TokenizeConfig(StrictModel):
+    """Encode every stored view of every frame into VQ-VAE code indices."""
+
+    tokenizer: str = Field(
+        "",
+        description="models:/NAME/VERSION (MLflow registry), a checkpoint path from the tokenizer stage, or "
+        "dalle:/path/encoder.pt[,/path/decoder.pt]. Empty: the tokenizer trained by this pipeline for the dataset.",
+    )
+    size: int | None = Field(None, ge=8, description="Only frame shards of this size S (default: all).")
+    variant: Literal["pretrain", "downstream"] | None = Field(None, description="Only frame shards of this variant (default: all).")
+    batch_size: int = operational(256, ge=1, description="Frames encoded per forward pass.")
+    device: str = operational("auto", description="auto, cpu, cuda or cuda:N.")
+    amp: bool = operational(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    workers: int = operational(1, ge=1, description="Frame shards tokenized concurrently (the model is shared).")
 
 
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
@@ -131,8 +150,8 @@ class TrackingConfig(StrictModel):
     experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
 
 
-Stage = Literal["ingest", "frames"]
-STAGES: tuple[str, ...] = ("ingest", "frames")
+Stage = Literal["ingest", "frames", "tokenizer", "tokenize"]
+STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize")
 
 
 class PipelineConfig(StrictModel):
@@ -144,6 +163,7 @@ class PipelineConfig(StrictModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     frames: FramesConfig = Field(default_factory=FramesConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("datasets")

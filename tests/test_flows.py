@@ -47,6 +47,7 @@ def test_pipeline_flow_tracks_parent_and_nested_runs(prefect_harness, tmp_path):
         datasets=[DatasetConfig(name="labeled", source=str(tmp_path / "a")), DatasetConfig(name="mixed", source=str(tmp_path / "b"))],
         ingest=IngestConfig(workers=2, batch_size=2),
         frames={"size": 32, "fps": 4.0, "workers": 2},
+        stages=["ingest", "frames"],
         tracking={"experiment": "flow-test"},
     )
     home = tmp_path / "home"

@@ -22,7 +22,7 @@ import pyarrow as pa
 from warehouse.layout import DataRoot
 from warehouse.tables import SCHEMAS, ensure_schema_file, table_glob
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Public views and their column order (DESIGN.md "The catalog (SQL contract)"), extras after.
 VIDEOS_COLUMNS = (
@@ -79,6 +79,12 @@ def view_ddl(root: DataRoot) -> list[str]:
            SEMI JOIN shards s ON s.stage = 'frames' AND s.dataset = f.dataset AND s.unit = f.unit
            QUALIFY row_number() OVER (
                PARTITION BY f.dataset, f.video_id, f.fps, f.size, f.variant, f.config_hash ORDER BY f.created_at DESC) = 1""",
+        f"CREATE OR REPLACE VIEW token_samples_log AS SELECT * FROM {src('token_samples')}",
+        """CREATE OR REPLACE VIEW token_samples AS
+           SELECT t.* FROM token_samples_log t
+           SEMI JOIN shards s ON s.stage = 'tokenize' AND s.dataset = t.dataset AND s.unit = t.unit
+           QUALIFY row_number() OVER (
+               PARTITION BY t.dataset, t.video_id, t.tokenizer, t.variant, t.size, t.fps ORDER BY t.created_at DESC) = 1""",
         f"""CREATE OR REPLACE VIEW datasets AS
             SELECT * FROM {src('datasets')}
             QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY updated_at DESC) = 1""",

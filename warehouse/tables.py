@@ -121,6 +121,34 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("created_at", TS),
         ]
     ),
+    # One row per video per token shard, written beside the shard's tar.
+    "token_samples": pa.schema(
+        [
+            ("dataset", pa.string()),
+            ("video_id", pa.string()),
+            ("shard", pa.string()),
+            ("tokenizer", pa.string()),
+            ("variant", pa.string()),
+            ("n_frames", pa.int64()),
+            ("grid_h", pa.int32()),
+            ("grid_w", pa.int32()),
+            ("n_views", pa.int32()),
+            ("views", pa.list_(pa.string())),
+            ("fps", pa.float64()),
+            ("size", pa.int32()),
+            ("codebook_size", pa.int64()),
+            ("key", pa.string()),
+            ("frames_shard", pa.string()),
+            ("frames_unit", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("unit", pa.string()),
+            ("config_hash", pa.string()),
+            ("code_version", pa.string()),
+            ("run_id", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
     "datasets": pa.schema(
         [
             ("dataset", pa.string()),
@@ -189,6 +217,8 @@ LOCATIONS: dict[str, tuple[str, int]] = {
     "datasets": ("tables/datasets", 1),
     # shards/frames/<dataset>/<variant>/NNNNN.parquet
     "frame_samples": ("shards/frames", 2),
+    # shards/tokens/<dataset>/<variant>/NNNNN.parquet
+    "token_samples": ("shards/tokens", 2),
 }
 
 

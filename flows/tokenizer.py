@@ -1,0 +1,112 @@
+"""Prefect flows for the tokenizer (train + register) and tokenize stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from stages.config import ConfigError, DatasetConfig, TokenizeConfig, TokenizerConfig
+from stages.tokenize.stage import LoadedTokenizer, load_tokenizer, pick_device, run_tokenize
+
+from flows.stage_flow import record_outcome, run_name_from, stage_flow_run
+from flows.units import prefect_runner
+
+REGISTRY_TAG = "vimpac.run_key"
+
+
+def register_tokenizer(checkpoint: Path, name: str, run_key: str, tags: dict[str, str]) -> str:
+    """Log the checkpoint with the active MLflow run and register it as a model version,
+    unless a version of `name` with the same training run key exists already."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, description="VQ-VAE image tokenizer trained by vimpac")
+    except mlflow.exceptions.MlflowException:
+        pass  # exists already
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get(REGISTRY_TAG) == run_key:
+            return f"models:/{name}/{version.version}"
+    mlflow.log_artifact(str(checkpoint), artifact_path="tokenizer")
+    version = client.create_model_version(
+        name, source=mlflow.get_artifact_uri("tokenizer"), run_id=mlflow.active_run().info.run_id,
+        tags={REGISTRY_TAG: run_key, **tags},
+    )
+    return f"models:/{name}/{version.version}"
+
+
+def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
+    """Registry URIs become a local checkpoint (downloaded once into MLflow's cache); the
+    identity recorded on every token sample is then `models:/NAME/VERSION`."""
+    if not ref.startswith("models:/"):
+        return load_tokenizer(ref, device=device)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name, _, version = ref[len("models:/") :].partition("/")
+    client = MlflowClient()
+    try:
+        if version in ("", "latest"):
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ConfigError(f"no registered versions of tokenizer {name!r}")
+            version = str(max(int(v.version) for v in versions))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"cannot load tokenizer {ref}: {e.message}") from None
+    checkpoint = local / "final.pt" if local.is_dir() else local
+    loaded = load_tokenizer(str(checkpoint), device=device)
+    return dataclasses.replace(loaded, identity=f"models:/{name}/{version}")
+
+
+@flow(
+    name="tokenizer",
+    flow_run_name=run_name_from("tokenizer"),
+    description="Train a VQ-VAE image tokenizer on frames of the given datasets and register it in the MLflow "
+    "model registry. A finished training run with the same config and data is reused.",
+)
+def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, home: str | None = None, force: bool = False,
+              frame_size: int | None = None, train_on: list[str] | None = None) -> dict:
+    from stages.tokenizer.train import train_tokenizer
+
+    config = config or TokenizerConfig()
+    datasets = train_on or config.datasets or [dataset.name]
+    resolved = {"dataset": dataset.model_dump(), "tokenizer": config.model_dump(), "train_on": datasets, "force": force}
+    with stage_flow_run("tokenizer", dataset.name, home, resolved) as ctx:
+        trained = train_tokenizer(ctx.root, datasets, config, reporter=ctx.reporter, frame_size=frame_size, force=force)
+        uri = register_tokenizer(
+            trained.checkpoint, config.register_as, trained.run_key,
+            {"vimpac.data_fingerprint": trained.data_fingerprint, "vimpac.datasets": ",".join(datasets),
+             "vimpac.config": json.dumps(config.model_dump(), sort_keys=True)[:4000]},
+        )
+        ctx.reporter.info(f"tokenizer {'reused' if trained.cached else 'trained'}: {uri} ({trained.checkpoint})")
+        summary = {"dataset": dataset.name, "model_uri": uri, "checkpoint": str(trained.checkpoint), "cached": trained.cached,
+                   "steps": trained.steps, "run_key": trained.run_key, "data_fingerprint": trained.data_fingerprint,
+                   **{k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))}}
+        if trained.grid_png is not None and Path(trained.grid_png).exists():
+            ctx.reporter.artifact(trained.grid_png)
+        return record_outcome(ctx, "tokenizer", summary, [], [])
+
+
+@flow(
+    name="tokenize",
+    flow_run_name=run_name_from("tokenize"),
+    description="Encode every stored view of every frame of a dataset into tokenizer code indices, one token "
+    "shard per frame shard (catalog: `token_samples`). Same tokenizer and frames: no work.",
+)
+def tokenize(dataset: DatasetConfig, config: TokenizeConfig | None = None, home: str | None = None, force: bool = False) -> dict:
+    config = config or TokenizeConfig()
+    if not config.tokenizer:
+        raise ConfigError("tokenize needs a tokenizer: models:/NAME/VERSION, a checkpoint path or dalle:ENC[,DEC]")
+    resolved = {"dataset": dataset.model_dump(), "tokenize": config.model_dump(), "force": force}
+    with stage_flow_run("tokenize", dataset.name, home, resolved) as ctx:
+        loaded = resolve_tokenizer(config.tokenizer, pick_device(config.device))
+        ctx.reporter.info(f"tokenizer {loaded.identity} on {loaded.device}")
+        outcome = run_tokenize(
+            ctx.root, dataset, config, loaded, run_id=ctx.record.run_id, force=force, reporter=ctx.reporter, runner=prefect_runner
+        )
+        return record_outcome(ctx, "tokenize", outcome.summary, outcome.failures, outcome.errors)
