@@ -9,6 +9,7 @@ import pytest
 
 from stages.config import (
     PRESETS,
+    STAGES,
     ConfigError,
     DatasetConfig,
     IngestConfig,
@@ -274,7 +275,7 @@ def test_resolve_pipeline_without_file():
     cfg = resolve_pipeline(overrides=["name=adhoc"], presets={"ingest": "local"})
     assert cfg.name == "adhoc"
     assert cfg.ingest.batch_size == PRESETS["ingest"]["local"]["batch_size"]
-    assert cfg.datasets == [] and cfg.stages == ["ingest", "frames"]
+    assert cfg.datasets == [] and cfg.stages == list(STAGES)
 
 
 def test_duplicate_dataset_names_are_rejected(conf_dir):
