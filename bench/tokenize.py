@@ -11,13 +11,20 @@ stage time, both measured in this run.
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, this file's folder comes first on sys.path, and its name would shadow the
+# standard library's `tokenize` (imported by inspect, linecache, numpy...): put the repository
+# root there instead, before anything else is imported.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(_here))
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
