@@ -210,3 +210,38 @@ def test_runs_against_a_prefect_server_when_api_url_is_set(tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_tokenizer_registry_round_trip_and_tokenize_by_uri(prefect_harness, tmp_path):
+    import numpy as np
+    import torch
+
+    from flows.frames import frames
+    from flows.ingest import ingest
+    from flows.tokenizer import resolve_tokenizer, tokenize, tokenizer
+    from stages.config import FramesConfig, TokenizeConfig, TokenizerConfig
+    from stages.tokenize.stage import load_tokenizer
+
+    for i in range(2):
+        make_video(tmp_path / "src" / f"v{i}.mp4", seed=i, frames=24, fps=12)
+    home = str(tmp_path / "home")
+    ds = DatasetConfig(name="tok", source=str(tmp_path / "src"))
+    ingest(ds, IngestConfig(), home)
+    frames(ds, FramesConfig(fps=2.0, size=32, workers=1), home)
+    cfg = TokenizerConfig(preset="tiny", steps=4, batch_size=4, warmup_steps=1, register_as="test-tokenizer")
+    first = tokenizer(ds, cfg, home, frame_size=32)
+    assert first["model_uri"] == "models:/test-tokenizer/1" and not first["cached"]
+    again = tokenizer(ds, cfg, home, frame_size=32)
+    assert again["cached"] and again["model_uri"] == first["model_uri"], "same config and data: same registered version"
+
+    by_uri = resolve_tokenizer(first["model_uri"], "cpu")
+    by_path = load_tokenizer(first["checkpoint"], device="cpu")
+    assert by_uri.identity == "models:/test-tokenizer/1"
+    x = torch.rand(3, 3, 32, 32)
+    assert torch.equal(by_uri.model.encode(x), by_path.model.encode(x))
+
+    summary = tokenize(ds, TokenizeConfig(tokenizer="models:/test-tokenizer/latest"), home)
+    assert summary["videos"] == 2 and summary["tokenizer"] == "models:/test-tokenizer/1"
+    rows = Catalog(home).rows("SELECT DISTINCT tokenizer, grid_h, n_views FROM token_samples WHERE dataset = 'tok'")
+    assert rows == [("models:/test-tokenizer/1", 4, 1)]
+    assert np.isfinite(first["psnr"])

@@ -28,6 +28,8 @@ def _dataset(root, tmp_path: Path, name: str, n: int, views: str, seed0: int = 0
     src = tmp_path / name
     for i in range(n):
         make_video(src / f"v{i}.mp4", seed=seed0 + i, frames=24, fps=12)
+    # Shorter than one 2 fps interval: ingested fine, failed by the frames stage.
+    make_video(src / "short.mp4", seed=seed0 + 99, frames=3, fps=12)
     ds = DatasetConfig(name=name, source=str(src))
     Catalog(root).refresh()
     run_ingest(root, ds, IngestConfig(), run_id="i")
@@ -54,6 +56,7 @@ def test_tokens_are_views_by_frames_by_grid(root, setup):
     pre, down, trained, _ = setup
     outcome, tok = tokenize(root, down, trained.checkpoint)
     assert outcome.errors == [] and outcome.summary["videos"] == 2
+    assert outcome.summary["skipped_failed_upstream"] == 1, "frame samples failed upstream are skipped and counted"
     d = tok.model.downsample
     rows = Catalog(root).query("SELECT * FROM token_samples WHERE dataset = 'down' ORDER BY video_id").to_pylist()
     assert [r["video_id"] for r in rows] == ["v0", "v1"]
