@@ -92,12 +92,13 @@ def test_same_tokenizer_no_work_new_tokenizer_new_shards_only(root, setup):
 
 def test_corrupt_frame_shard_fails_alone(root, setup):
     pre, down, trained, _ = setup
-    tars = sorted((root.home / "shards" / "frames" / "down").rglob("*.tar"))
+    tars = sorted((root.home / "shards" / "frames" / "down").rglob("*.tar"), key=lambda p: p.stat().st_size)
     assert len(tars) >= 2
-    data = tars[0].read_bytes()
-    tars[0].write_bytes(data[: len(data) // 2])
+    victim = tars[-1]  # one that holds samples
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
     outcome, _ = tokenize(root, down, trained.checkpoint)
-    assert len(outcome.errors) == 1 and str(tars[0]) in outcome.errors[0] and "damaged" in outcome.errors[0]
+    assert len(outcome.errors) == 1 and str(victim) in outcome.errors[0] and "damaged" in outcome.errors[0]
     assert outcome.summary["shards_built"] == len(tars) - 1
 
 
