@@ -53,6 +53,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from stages.errors import StageError
+from stages.ingest.probe import rotation_cw as _rotation_cw
 
 __all__ = ["DecodeError", "DecodeReport", "FrameSampler", "SampledFrame"]
 
@@ -656,21 +657,6 @@ def _detect_rotation(path: Path) -> int:
     except (av.FFmpegError, OSError, DecodeError):
         pass
     return 0
-
-
-def _rotation_cw(rotation_ccw, metadata) -> int:
-    """Clockwise quarter turns in degrees from PyAV's counter-clockwise angle or a `rotate` tag."""
-    if rotation_ccw:
-        degrees = -float(rotation_ccw)
-    else:
-        # Older muxers leave a clockwise `rotate` tag instead of a display matrix.
-        try:
-            degrees = float(metadata.get("rotate", 0) or 0)
-        except ValueError:
-            degrees = 0.0
-    if not math.isfinite(degrees):
-        return 0
-    return int(round(degrees / 90.0)) * 90 % 360
 
 
 def _orient(image: np.ndarray, rotation_cw: int) -> np.ndarray:

@@ -485,7 +485,7 @@ def _result(path: Path, container, video, scan: _Scan, decode_target: int) -> Pr
         codec=_codec_name(video),
         width=int(width),
         height=int(height),
-        rotation=_rotation_cw(scan.rotation_ccw, video.metadata),
+        rotation=rotation_cw(scan.rotation_ccw, video.metadata),
         fps=fps,
         duration_s=span_s,
         n_frames=scan.n_frames,
@@ -563,7 +563,7 @@ def _average_fps(n_frames: int, span_s: float, header_rate: Fraction | None) -> 
     return measured or header
 
 
-def _rotation_cw(rotation_ccw: int, metadata) -> int:
+def rotation_cw(rotation_ccw: int, metadata) -> int:
     """Clockwise display rotation snapped to a quarter turn, from the display matrix or a tag."""
     if rotation_ccw:
         degrees = -float(rotation_ccw)
