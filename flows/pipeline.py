@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from stages.config import PipelineConfig
+from stages.config import ConfigError, PipelineConfig
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -54,6 +54,9 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
             labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
             names = [d.name for d in config.datasets]
             train_on = config.tokenizer.datasets or [n for n in names if not labeled.get(n)] or names
+            unknown = sorted(set(train_on) - set(names))
+            if unknown:
+                raise ConfigError(f"tokenizer.datasets names datasets the pipeline does not have: {', '.join(unknown)}")
             first = next(d for d in config.datasets if d.name == train_on[0])
             trained = run("tokenizer", tokenizer, "+".join(train_on), first, config.tokenizer, str(root.home), force,
                           frame_size=config.tokenizer.size or config.frames.size, train_on=train_on)
