@@ -1,6 +1,9 @@
 """Tokenize-stage throughput (frames/s) per tokenizer preset, and the data-loading share.
 
-    python bench/tokenize.py [--videos 6] [--seconds 20] [--size 128] [--presets tiny,base]
+    python bench/tokenize_stage.py [--videos 6] [--seconds 20] [--size 128] [--presets tiny,base]
+
+(Named tokenize_stage.py, not tokenize.py: a file called tokenize.py in bench/ would shadow the
+standard library's `tokenize` module for every script run from this folder.)
 
 Builds frame shards from generated 480p clips (pretrain view, 2 fps), then for each preset
 (randomly initialised: speed does not depend on the weights) runs the tokenize stage and a
@@ -11,20 +14,13 @@ stage time, both measured in this run.
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and its name would shadow the
-# standard library's `tokenize` (imported by inspect, linecache, numpy...): put the repository
-# root there instead, before anything else is imported.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-sys.path.insert(0, os.path.dirname(_here))
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
