@@ -149,6 +149,14 @@ def _context():
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the decoders' fork server now; otherwise the first shard of a process pays for it."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
 class DecodeWorker:
     """The parent's handle on one child process; restarts it after a hang or a crash."""
 
