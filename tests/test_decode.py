@@ -609,3 +609,17 @@ def test_memory_does_not_grow_with_length(tmp_path):
     # decord's own queues between its demuxing and decoding threads are unbounded and fill
     # unevenly (a few MB here, more at higher resolutions), but do not accumulate.
     assert peak[(100, "decord")] - peak[(10, "decord")] < 16, peak
+
+
+@pytest.mark.parametrize("hw,cap,expected", [((48, 64), 16, (16, 21)), ((64, 48), 16, (21, 16)), ((48, 64), 100, (48, 64))])
+def test_max_short_side_shrinks_during_conversion_never_enlarges(tmp_path, hw, cap, expected):
+    from media_fixtures import make_video
+
+    clip = make_video(tmp_path / "c.mp4", seed=3, frames=12, fps=12, size=hw)
+    full = [s.image for s in FrameSampler(clip, 4.0, backend="pyav")]
+    small = [s.image for s in FrameSampler(clip, 4.0, backend="pyav", max_short_side=cap)]
+    assert len(small) == len(full) and all(im.shape == (*expected, 3) for im in small)
+    if expected != hw:
+        # The same picture, only smaller: its mean colour is kept.
+        ref = full[0].astype(float).mean(axis=(0, 1))
+        assert np.abs(small[0].astype(float).mean(axis=(0, 1)) - ref).max() < 8

@@ -147,6 +147,7 @@ class FrameSampler:
         rotation: int | None = None,
         duration_hint_s: float | None = None,
         codec_hint: str | None = None,
+        max_short_side: int | None = None,
     ):
         if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             raise ValueError(f"fps must be a positive number, got {fps!r}")
@@ -160,6 +161,10 @@ class FrameSampler:
         self.rotation = None if rotation is None else int(rotation) % 360
         self.duration_hint_s = None if duration_hint_s is None else float(duration_hint_s)
         self.codec_hint = codec_hint.lower() if codec_hint else None
+        # Callers that only need frames at most this small (the views' largest scale) let PyAV
+        # shrink them inside the YUV->RGB conversion, one swscale pass instead of a full-size
+        # conversion plus a separate resize.
+        self.max_short_side = max_short_side
         self.report = self._new_report()
 
     def _new_report(self) -> DecodeReport:
@@ -177,7 +182,7 @@ class FrameSampler:
         for position, name in enumerate(order):
             if not self._usable(name, codec):
                 continue
-            source = _PyAVSource(self.path) if name == "pyav" else _DecordSource(self.path)
+            source = _PyAVSource(self.path, self.max_short_side) if name == "pyav" else _DecordSource(self.path)
             progress = [0]
             try:
                 yield from self._attempt(source, progress, order[position + 1 :])
@@ -338,8 +343,9 @@ class _PyAVSource:
 
     name = "pyav"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_short_side: int | None = None):
         self.path = path
+        self.max_short_side = max_short_side
         self.container = None
         self.stream = None
         self.codec: str | None = None
@@ -403,7 +409,8 @@ class _PyAVSource:
             nonlocal converted
             for k, rel, frame in out:
                 if converted is None or converted[0] is not frame:
-                    rgb = reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+                    size = _shrunk_size(frame.width, frame.height, self.max_short_side)
+                    rgb = reformatter.reformat(frame, format="rgb24", threads=1, interpolation="AREA", **size).to_ndarray()
                     converted = (frame, rgb)
                 yield k, rel, converted[1]
             out.clear()
@@ -657,6 +664,18 @@ def _detect_rotation(path: Path) -> int:
     except (av.FFmpegError, OSError, DecodeError):
         pass
     return 0
+
+
+def _shrunk_size(width: int, height: int, max_short: int | None) -> dict[str, int]:
+    """reformat() size arguments that bring the shorter side down to `max_short` (never up);
+    the shorter side is the same before and after a quarter-turn rotation."""
+    short = min(width, height)
+    if not max_short or short <= max_short:
+        return {}
+    scale = max_short / short
+    if width <= height:
+        return {"width": max_short, "height": max(1, int(height * scale + 0.5))}
+    return {"width": max(1, int(width * scale + 0.5)), "height": max_short}
 
 
 def _orient(image: np.ndarray, rotation_cw: int) -> np.ndarray:

@@ -42,13 +42,14 @@ def decode_video(job: dict[str, Any], settings: WorkerSettings, scratch: Path, h
     """Sample, cut views, encode: the whole per-video pipeline (runs in the child)."""
     from stages.frames.decode import DecodeError, FrameSampler
     from stages.frames.encoding import encode_view, extension
-    from stages.frames.views import make_views, view_names
+    from stages.frames.views import make_views, scaled_size, view_names, view_specs
 
     names = view_names(settings.views, settings.flip_sensitive)
+    largest = max(scaled_size(settings.size, s.scale) for s in view_specs(settings.views, settings.flip_sensitive))
     t0 = time.perf_counter()
     sampler = FrameSampler(
         job["path"], settings.fps, backend=settings.backend, rotation=job.get("rotation"),
-        duration_hint_s=job.get("duration_s"), codec_hint=job.get("codec"),
+        duration_hint_s=job.get("duration_s"), codec_hint=job.get("codec"), max_short_side=largest,
     )
     per_view: dict[str, list[np.ndarray]] = {n: [] for n in names}
     times: list[float] = []
