@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--views", default="pretrain", choices=["pretrain", "downstream"])
     ap.add_argument("--rss-seconds", type=float, default=15.0, help="short source for the memory check (long = 20x)")
     ap.add_argument("--resolutions", default="240p,480p,1080p")
-    ap.add_argument("--copies", type=int, default=4, help="videos per shard in the stage run (figures are per video)")
+    ap.add_argument("--copies", type=int, default=32, help="videos per shard in the stage run (figures are per video; real shards hold hundreds)")
     args = ap.parse_args()
     cfg = FramesConfig(fps=args.fps, size=args.size, views=args.views, workers=1)
 
