@@ -243,6 +243,16 @@ def _dest_failure(path: Path, e: OSError) -> _Failure:
     return _Failure("io_error", f"cannot write destination {path}: {e.strerror or e}", retryable=True, retry_now=False)
 
 
+def _take(data: bytes, sha, out: BinaryIO, sink: "_Sink", total: int, limits: FetchLimits, deadline: float) -> int:
+    """Hash, write and count one streamed chunk; returns the new byte total."""
+    sha.update(data)
+    _write(out, data, sink.path)
+    total += len(data)
+    sink.report(len(data))
+    _check_progress(total, limits, deadline)
+    return total
+
+
 def _check_progress(total: int, limits: FetchLimits, deadline: float) -> None:
     if total > limits.max_bytes:
         raise _Failure("too_large", f"more than max_bytes={limits.max_bytes} bytes received")
@@ -525,11 +535,7 @@ def _read_http_body(resp: requests.Response, sink: _Sink, limits: FetchLimits, d
                 raise _Failure("connection", f"connection broken after {total} bytes: {_short(e)}", retryable=True) from e
             if not data:
                 break
-            sha.update(data)
-            _write(out, data, sink.path)
-            total += len(data)
-            sink.report(len(data))
-            _check_progress(total, limits, deadline)
+            total = _take(data, sha, out, sink, total, limits, deadline)
     if total == 0:
         raise _Failure("empty_file", "empty response body (0 bytes)")
     if declared is not None and total != declared:
@@ -622,11 +628,7 @@ def _fetch_fsspec(url: str, sink: _Sink, limits: FetchLimits, deadline: float) -
                 raise _classify_fsspec(e, f"read failed after {total} bytes") from e
             if not data:
                 break
-            sha.update(data)
-            _write(out, data, sink.path)
-            total += len(data)
-            sink.report(len(data))
-            _check_progress(total, limits, deadline)
+            total = _take(data, sha, out, sink, total, limits, deadline)
     if total == 0:
         raise _Failure("empty_file", "empty file (0 bytes)")
     return total, sha.hexdigest()
