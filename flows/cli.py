@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from stages.config import (
     DatasetConfig,
     PipelineConfig,
     build,
+    deep_merge,
     load_pipeline_file,
     preset,
     resolve_pipeline,
@@ -112,6 +114,7 @@ def _flows(home: str | None):
     import flows.frames
     import flows.ingest
     import flows.pipeline
+    import flows.pretrain
     import flows.tokenizer
 
     return root, flows
@@ -161,11 +164,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     file_data = load_pipeline_file(args.config) if args.config else {}
     stage_data = dict(file_data.get(args.stage) or {})
     if args.preset:
-        stage_data = preset(args.stage, args.preset[0]) | stage_data
+        stage_data = deep_merge(preset(args.stage, args.preset[0]), stage_data)
     # `--set batch_size=4` and `--set ingest.batch_size=4` both address the stage config.
     stage_overrides = [o[len(args.stage) + 1 :] if o.startswith(args.stage + ".") else o for o in overrides]
     for flag, stages in (("fps", ("frames",)), ("size", ("frames", "tokenizer", "tokenize")), ("views", ("frames",)),
-                         ("tokenizer", ("tokenize",))):
+                         ("tokenizer", ("tokenize", "pretrain"))):
         value = getattr(args, flag, None)
         if value is not None:
             if args.stage not in stages:
@@ -173,14 +176,69 @@ def cmd_run(args: argparse.Namespace) -> int:
             stage_overrides.append(f"{flag}={value}")
     cfg_model = PipelineConfig.model_fields[args.stage].annotation
     stage_cfg = build(cfg_model, stage_data, stage_overrides)
+    if args.stage == "pretrain" and int(os.environ.get("RANK", "0")) > 0:
+        return _pretrain_worker_rank(args, stage_cfg)
     dataset = _dataset_from_args(args, file_data)
     root, flows = _flows(args.home)
     stage_flow = {
         "ingest": flows.ingest.ingest, "frames": flows.frames.frames,
         "tokenizer": flows.tokenizer.tokenizer, "tokenize": flows.tokenizer.tokenize,
+        "pretrain": flows.pretrain.pretrain,
     }[args.stage]
     summary = stage_flow(dataset, stage_cfg, str(root.home), args.force)
     print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _pretrain_worker_rank(args: argparse.Namespace, cfg) -> int:
+    """Ranks other than 0 under torchrun: the same training function, no Prefect flow and no
+    MLflow (rank 0's flow tracks the run, and one writer keeps the catalog and MLflow's SQLite
+    store sane: PITFALLS.md)."""
+    from stages.pretrain.train import pretrain, resolve_tokenizer_identity
+
+    root = DataRoot(args.home)
+    datasets = cfg.datasets or [args.dataset]
+    cfg = cfg.model_copy(update={"tokenizer": resolve_tokenizer_identity(root, datasets, cfg.tokenizer)})
+    pretrain(root, datasets, cfg, force=args.force)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Every backbone preset with its parameter counts and the mask block counts per resolution."""
+    from rich.console import Console
+    from rich.table import Table
+
+    import torch
+
+    from models.backbone import PRESETS as BACKBONES
+    from models.masking import blocks_for_ratio, induced_ratio
+    from models.pretrain import PretrainModelConfig, VIMPACPretrainer
+    from stages.config import PretrainConfig
+
+    resolutions = [(5, 128), (5, 256), (10, 128), (10, 256)]
+    table = Table(title="backbone presets (Table 3); heads as in each pretrain preset")
+    for col in ("preset", "layers x dim", "heads x dim", "mlp", "layout", "backbone", "heads", "vocab"):
+        table.add_column(col)
+    for name, make in BACKBONES.items():
+        cfg = make()
+        stage = build(PretrainConfig, preset("pretrain", name) if name in PRESETS["pretrain"] else {})
+        with torch.device("meta"):
+            model = VIMPACPretrainer(PretrainModelConfig(backbone=cfg, cl_hidden=stage.model.cl_hidden,
+                                                         cl_layers=stage.model.cl_layers, cl_dim=stage.model.cl_dim))
+        table.add_row(name, f"{cfg.n_layers} x {cfg.dim}", f"{cfg.n_heads} x {cfg.head_dim}", str(cfg.mlp_dim), cfg.layout,
+                      f"{model.backbone.num_params() / 1e6:.2f}M", f"{model.head_params() / 1e6:.2f}M", str(cfg.n_codes))
+    blocks = Table(title="block masking per input resolution (Table 2): blocks closest to 15%, induced ratio")
+    blocks.add_column("frames x size")
+    blocks.add_column("token map")
+    blocks.add_column("blocks")
+    blocks.add_column("ratio")
+    for t, s in resolutions + [(5, 64)]:
+        g = s // 8
+        n = blocks_for_ratio(t, g, g)
+        blocks.add_row(f"{t} x {s}", f"{t} x {g} x {g}", str(n), f"{100 * induced_ratio(t, g, g, n):.1f}%")
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    console.print(blocks)
     return 0
 
 
@@ -283,13 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, help="frames: sampling rate (paper: 2 for long videos, 4 for short clips)")
     p.add_argument("--size", type=int, help="frames: view side S in pixels")
     p.add_argument("--views", choices=["auto", "pretrain", "downstream"], help="frames: which fixed views to cut")
-    p.add_argument("--tokenizer", help="tokenize: models:/NAME/VERSION, a checkpoint path, or dalle:ENC[,DEC]")
+    p.add_argument("--tokenizer", help="tokenize: models:/NAME/VERSION, a checkpoint path, or dalle:ENC[,DEC]; "
+                   "pretrain: whose token shards (models:/NAME/VERSION|latest)")
     p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. batch_size=8")
     p.add_argument("--force", action="store_true", help="recompute even what is cached")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("models", parents=[common], help="backbone presets, parameter counts and mask blocks per resolution")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("sql", parents=[common], help="query the catalog (read-only)")
     p.add_argument("query")

@@ -11,33 +11,9 @@ from prefect import flow
 from stages.config import ConfigError, DatasetConfig, TokenizeConfig, TokenizerConfig
 from stages.tokenize.stage import LoadedTokenizer, load_tokenizer, pick_device, run_tokenize
 
+from flows.registry import download_version, register_checkpoint
 from flows.stage_flow import record_outcome, run_name_from, stage_flow_run
 from flows.units import prefect_runner
-
-REGISTRY_TAG = "vimpac.run_key"
-
-
-def register_tokenizer(checkpoint: Path, name: str, run_key: str, tags: dict[str, str]) -> str:
-    """Log the checkpoint with the active MLflow run and register it as a model version,
-    unless a version of `name` with the same training run key exists already."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    try:
-        client.create_registered_model(name, description="VQ-VAE image tokenizer trained by vimpac")
-    except mlflow.exceptions.MlflowException:
-        pass  # exists already
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.tags.get(REGISTRY_TAG) == run_key:
-            return f"models:/{name}/{version.version}"
-    mlflow.log_artifact(str(checkpoint), artifact_path="tokenizer")
-    version = client.create_model_version(
-        name, source=mlflow.get_artifact_uri("tokenizer"), run_id=mlflow.active_run().info.run_id,
-        tags={REGISTRY_TAG: run_key, **tags},
-    )
-    return f"models:/{name}/{version.version}"
-
 
 def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
     """Registry URIs become a local checkpoint (downloaded once into MLflow's cache); the
@@ -45,22 +21,16 @@ def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
     if not ref.startswith("models:/"):
         return load_tokenizer(ref, device=device)
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    name, _, version = ref[len("models:/") :].partition("/")
-    client = MlflowClient()
     try:
-        if version in ("", "latest"):
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ConfigError(f"no registered versions of tokenizer {name!r}")
-            version = str(max(int(v.version) for v in versions))
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+        local, identity = download_version(ref)
+    except LookupError as e:
+        raise ConfigError(f"cannot load tokenizer {ref}: {e}") from None
     except mlflow.exceptions.MlflowException as e:
         raise ConfigError(f"cannot load tokenizer {ref}: {e.message}") from None
     checkpoint = local / "final.pt" if local.is_dir() else local
     loaded = load_tokenizer(str(checkpoint), device=device)
-    return dataclasses.replace(loaded, identity=f"models:/{name}/{version}")
+    return dataclasses.replace(loaded, identity=identity)
 
 
 @flow(
@@ -78,10 +48,11 @@ def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, hom
     resolved = {"dataset": dataset.model_dump(), "tokenizer": config.model_dump(), "train_on": datasets, "force": force}
     with stage_flow_run("tokenizer", dataset.name, home, resolved) as ctx:
         trained = train_tokenizer(ctx.root, datasets, config, reporter=ctx.reporter, frame_size=frame_size, force=force)
-        uri = register_tokenizer(
+        uri = register_checkpoint(
             trained.checkpoint, config.register_as, trained.run_key,
             {"vimpac.data_fingerprint": trained.data_fingerprint, "vimpac.datasets": ",".join(datasets),
              "vimpac.config": json.dumps(config.model_dump(), sort_keys=True)[:4000]},
+            artifact_path="tokenizer", description="VQ-VAE image tokenizer trained by vimpac",
         )
         ctx.reporter.info(f"tokenizer {'reused' if trained.cached else 'trained'}: {uri} ({trained.checkpoint})")
         summary = {"dataset": dataset.name, "model_uri": uri, "checkpoint": str(trained.checkpoint), "cached": trained.cached,

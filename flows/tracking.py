@@ -128,6 +128,10 @@ class StageContext:
     reporter: FlowReporter
     artifact_dir: Path
 
+    def set_run_name(self, name: str) -> None:
+        """Rename the MLflow run, e.g. to the recipe once the stage knows it (small-5x128-mp+cl)."""
+        self.reporter.client.set_tag(self.reporter.run_id, "mlflow.runName", name)
+
     def write_artifact(self, name: str, content: str | bytes) -> Path:
         path = self.artifact_dir / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())

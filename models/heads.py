@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from models.losses import gather_with_grad, upcast
+
 
 class TokenHead(nn.Module):
     """dense + GELU + LayerNorm, then a decoder tied to the input embedding with its own bias.
@@ -44,12 +46,10 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        xf = x.float()
-        n = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
+        xf = upcast(x)
+        n = torch.tensor([x.shape[0]], dtype=xf.dtype, device=x.device)
         stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n])  # (2C + 1,)
-        stats = all_reduce(stats)
+        stats = gather_with_grad(stats[None]).sum(0)  # an all-reduce that gradients flow through
         c = x.shape[1]
         count = stats[-1]
         mean = stats[:c] / count

@@ -26,9 +26,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, size = world()
     if size == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
+    # The backward of this all-gather is a summing reduce-scatter: each rank's part receives
+    # the gradient that every rank's loss sends it.
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
-    return torch.cat(all_gather(x), dim=0)
+    return all_gather_single_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32 for losses and statistics; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _gather_ids(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +62,8 @@ def info_nce(f: torch.Tensor, f2: torch.Tensor, temperature: float = 0.2,
     """
     rank, size = world()
     n_local = f.shape[0]
-    f = F.normalize(f.float(), dim=-1)
-    f2 = F.normalize(f2.float(), dim=-1)
+    f = F.normalize(upcast(f), dim=-1)
+    f2 = F.normalize(upcast(f2), dim=-1)
     all_f, all_f2 = gather_with_grad(f), gather_with_grad(f2)  # (N, E) each
     n = all_f.shape[0]
     offset = rank * n_local
@@ -92,7 +99,7 @@ def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: f
     / world_size, so k micro-batches on R ranks give exactly the gradient of one big batch.
     Returns (loss, summed cross-entropy, number of correct predictions).
     """
-    ce = F.cross_entropy(logits.float(), targets, reduction="sum")
+    ce = F.cross_entropy(upcast(logits), targets, reduction="sum")
     norm = normalizer if normalizer is not None else max(1, targets.numel())
     correct = (logits.argmax(dim=-1) == targets).sum()
     return ce / norm, ce.detach(), correct

@@ -20,7 +20,7 @@ OBJECTIVES = ("mp+cl", "mp", "cl")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     objective: str = "mp+cl"
     alpha: float = 1.0  # contrastive loss weight (Table 16)
@@ -47,7 +47,7 @@ class PretrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PretrainConfig":
+    def from_dict(cls, data: dict) -> "PretrainModelConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -56,7 +56,7 @@ class PretrainConfig:
 
 
 class VIMPACPretrainer(nn.Module):
-    def __init__(self, cfg: PretrainConfig):
+    def __init__(self, cfg: PretrainModelConfig):
         super().__init__()
         self.config = cfg
         b = cfg.backbone
@@ -88,7 +88,7 @@ class VIMPACPretrainer(nn.Module):
             return x.transpose(0, 1).reshape(2 * b, *x.shape[2:])  # (2B, T, H, W): all c_i, then all c'_i
 
         cls, hidden = self.backbone(clips(inputs), None if pad_mask is None else clips(pad_mask))  # (2B, D), (2B, T, H, W, D)
-        loss = hidden.new_zeros((), dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         out: dict[str, torch.Tensor] = {}
         if self.token_head is not None:
             if targets is None or predict is None:

@@ -127,6 +127,85 @@ class TokenizeConfig(StrictModel):
     workers: int = operational(1, ge=1, description="Frame shards tokenized concurrently (the model is shared).")
 
 
+class PretrainModel(StrictModel):
+    """The backbone and heads (models/backbone.py, models/pretrain.py; paper Table 3, Table 13)."""
+
+    preset: Literal["micro", "tiny", "small", "base", "large_half"] = Field(
+        "small", description="Backbone preset: small 29.4M / base 119.7M / large_half 210.1M (Table 3); tiny and micro for CPU."
+    )
+    layout: str | None = Field(None, description="Attention layout override: T,H|W (paper), TxHxW, T,HxW or T,H,W (Table 13).")
+    norm: Literal["post", "pre"] = Field("post", description="LayerNorm position (Table 13: post-LN is better here).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on attention probabilities and residual branches.")
+    objective: Literal["mp+cl", "mp", "cl"] = Field(
+        "mp+cl", description="mp+cl: mask-then-predict + contrastive (paper); mp: mask only; cl: contrastive only (Table 7)."
+    )
+    alpha: float = Field(1.0, ge=0, description="Contrastive loss weight alpha in L = L_mask + alpha*gamma*L_cl (eq. 6, Table 16).")
+    temperature: float = Field(0.2, gt=0, description="InfoNCE temperature gamma (eq. 4).")
+    cl_layers: int = Field(2, ge=1, description="Contrastive head MLP layers (paper: 2 for small, 3 for large-half).")
+    cl_hidden: int = Field(2048, ge=1, description="Contrastive head hidden width (paper: 2048 small, 4096 large-half).")
+    cl_dim: int = Field(256, ge=1, description="Contrastive feature size.")
+
+
+class PretrainMasking(StrictModel):
+    """How tokens are masked for mask-then-predict (Sec. 3.1, Appendix B.1, Tables 2, 8, 15)."""
+
+    strategy: Literal["block", "iid"] = Field("block", description="block: union of random cuboids (paper); iid: independent tokens.")
+    n_blocks: int | None = Field(None, ge=1, description="Cuboids per clip; default: the count whose induced ratio is closest to `ratio` (Table 2).")
+    ratio: float = Field(0.15, gt=0, lt=1, description="Target masking ratio (block: picks n_blocks; iid: the probability).")
+    replacement: Literal["mask", "bert"] = Field("mask", description="mask: every masked token becomes [MASK]; bert: 80/10/10.")
+
+
+class PretrainData(StrictModel):
+    """What a training example is: two clips of one video (Sec. 3.2)."""
+
+    frames: int = Field(5, ge=1, description="T, frames per clip (paper: 5 at 128 px, then 10 at 256 px).")
+    max_distance_s: float | None = Field(None, gt=0, description="d_max: largest distance between the two clips in seconds (Table 10); none by default.")
+    view: str = Field("s100_c", description="Stored view the clips come from (pretraining: resize + center crop, no augmentation).")
+    shuffle_buffer: int = Field(256, ge=1, description="Videos held for shuffling per loader worker.")
+    workers: int = operational(2, ge=0, description="Data-loader worker processes per rank (masks are made there).")
+
+
+class PretrainTrain(StrictModel):
+    """Optimisation (Appendix C, Table 4): AdamW, linear warm-up then linear decay, clipping, accumulation."""
+
+    epochs: float = Field(10, gt=0, description="Passes over the videos (an epoch = videos_per_epoch videos).")
+    videos_per_epoch: int | None = Field(None, ge=1, description="Videos per epoch (default: the number of videos in the token shards).")
+    batch_size: int = Field(32, ge=1, description="Videos per micro-batch per rank; also the contrastive batch (x ranks).")
+    accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size x ranks x accumulate; paper: 1024).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (paper tries 1e-3, 5e-4, 3e-4 ... until stable).")
+    warmup: float = Field(0.05, ge=0, description="Warm-up length: a fraction of all steps if < 1, else a number of steps.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on biases, norms, [CLS]).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (0.98 as BERT/RoBERTa for stability).")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    seed: int = Field(0, description="Seed for initialisation, clip sampling and masks.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU trains in fp32).")
+    compile: bool = operational(False, description="torch.compile the backbone.")
+    device: str = operational("auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU).")
+    log_every: int = operational(10, ge=1, description="Optimizer steps between logged metrics.")
+    checkpoint_every: int = operational(200, ge=1, description="Optimizer steps between resume checkpoints.")
+    eval_batches: int = Field(4, ge=1, description="Batches of fresh clips and masks for the final held-out accuracies.")
+    init_from: str | None = Field(
+        None, description="Start from this pretrain checkpoint's weights (positional tables interpolated), "
+        "e.g. the 5x128 model for the paper's 10x256 second phase.",
+    )
+
+
+class PretrainConfig(StrictModel):
+    """VIMPAC pretraining: masked-token prediction + contrastive learning over token shards."""
+
+    model: PretrainModel = Field(default_factory=PretrainModel)
+    masking: PretrainMasking = Field(default_factory=PretrainMasking)
+    data: PretrainData = Field(default_factory=PretrainData)
+    train: PretrainTrain = Field(default_factory=PretrainTrain)
+    tokenizer: str = Field(
+        "", description="Which token shards: a tokenizer identity as in token_samples.tokenizer (models:/NAME/VERSION, "
+        "models:/NAME/latest, ckpt:...). Empty: the only one there is.",
+    )
+    datasets: list[str] | None = Field(None, description="Datasets to pretrain on (default: the pipeline's unlabeled datasets).")
+    register_as: str = operational("vimpac-backbone", description="MLflow registered model name for the final backbone.")
+
+
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
 
 
@@ -150,8 +229,8 @@ class TrackingConfig(StrictModel):
     experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
 
 
-Stage = Literal["ingest", "frames", "tokenizer", "tokenize"]
-STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize")
+Stage = Literal["ingest", "frames", "tokenizer", "tokenize", "pretrain"]
+STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize", "pretrain")
 
 
 class PipelineConfig(StrictModel):
@@ -164,6 +243,7 @@ class PipelineConfig(StrictModel):
     frames: FramesConfig = Field(default_factory=FramesConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("datasets")
@@ -202,11 +282,38 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": {"preset": "tiny", "steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 100},
         "small": {"preset": "small", "steps": 5000},
     },
+    "pretrain": {
+        "default": {},
+        # Table 4 "Pre-Train (Analysis)": the small model at 5 x 128 px, 2-layer contrastive head.
+        "small": {"model": {"preset": "small"}},
+        "base": {"model": {"preset": "base"}},
+        # Table 4 "Pre-Train (Results)": large-half, 3 x 4096 contrastive head, batch 1024.
+        "large_half": {"model": {"preset": "large_half", "cl_layers": 3, "cl_hidden": 4096},
+                       "train": {"batch_size": 128, "accumulate": 8}},
+        # The paper's second phase: continue at 10 frames x 256 px from a 5 x 128 checkpoint (set train.init_from).
+        "large_half_256": {"model": {"preset": "large_half", "cl_layers": 3, "cl_hidden": 4096},
+                           "data": {"frames": 10}, "train": {"batch_size": 128, "accumulate": 8}},
+        # CPU: the demo (64 px frames -> 8x8 tokens) and tests.
+        "tiny": {"model": {"preset": "tiny", "cl_hidden": 256, "cl_dim": 64, "dropout": 0.0},
+                 "train": {"batch_size": 8, "lr": 2e-3, "warmup": 0.1, "epochs": 1, "log_every": 5, "checkpoint_every": 50}},
+        "micro": {"model": {"preset": "micro", "cl_hidden": 32, "cl_dim": 16, "dropout": 0.0},
+                  "train": {"batch_size": 4, "lr": 1e-3, "warmup": 1, "epochs": 1, "log_every": 1, "checkpoint_every": 1},
+                  "data": {"workers": 0}},
+    },
 }
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested dicts merged key by key (a file's `train: {lr: ...}` keeps the
+    preset's other `train` settings)."""
+    out = json.loads(json.dumps(base))
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def preset(stage: str, name: str) -> dict[str, Any]:
@@ -297,7 +404,7 @@ def resolve_pipeline(
     """File, then stage presets, then `--set` overrides: the last word wins."""
     data = load_pipeline_file(file) if file else {}
     for stage, name in (presets or {}).items():
-        data[stage] = preset(stage, name) | dict(data.get(stage) or {})
+        data[stage] = deep_merge(preset(stage, name), dict(data.get(stage) or {}))
     return build(PipelineConfig, data, overrides)
 
 

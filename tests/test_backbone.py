@@ -8,7 +8,7 @@ import torch
 
 from models import backbone as B
 from models.backbone import BackboneConfig, VideoTransformer, flops_per_clip, load_state_resized
-from models.pretrain import PretrainConfig, VIMPACPretrainer
+from models.pretrain import PretrainModelConfig, VIMPACPretrainer
 
 
 @pytest.mark.parametrize("preset,paper_millions", [("small", 29.4), ("base", 119.7), ("large_half", 210.1)])
@@ -29,7 +29,7 @@ def test_table_13_layouts_have_the_papers_sizes(layout, paper_millions):
 
 
 def test_heads_are_not_backbone_parameters_and_the_decoder_is_tied():
-    model = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), cl_hidden=16, cl_dim=8))
+    model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), cl_hidden=16, cl_dim=8))
     assert model.token_head.embedding is model.backbone.embedding
     d, v = model.config.backbone.dim, model.config.backbone.n_codes
     token_head = d * d + d + 2 * d + v  # dense, LayerNorm, output bias; decoder weight is the embedding

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from models import backbone as B
 from models.losses import info_nce, masked_token_loss
 from models.masking import block_mask, corrupt
-from models.pretrain import PretrainConfig, VIMPACPretrainer
+from models.pretrain import PretrainModelConfig, VIMPACPretrainer
 
 
 def direct_eq_4_5(f, f2, gamma, same=None):
@@ -71,7 +71,7 @@ def _batch(cfg, b, seed):
 
 def test_logits_at_masked_positions_only_give_the_full_logits_loss():
     torch.manual_seed(0)
-    model = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), objective="mp")).eval()
+    model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="mp")).eval()
     cfg = model.config.backbone
     inputs, targets, predict = _batch(cfg, 3, 0)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_accumulating_micro_batches_equals_one_big_batch():
     """k micro-batches, each normalised by the whole batch's predicted-token count, give the
     gradient of one batch of k times the size (no BatchNorm: the mask objective only)."""
     torch.manual_seed(0)
-    model = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), objective="mp"))
+    model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="mp"))
     cfg = model.config.backbone
     micro = [_batch(cfg, 2, s) for s in range(3)]
     big = [torch.cat(parts) for parts in zip(*micro)]
@@ -107,9 +107,9 @@ def test_accumulating_micro_batches_equals_one_big_batch():
 
 
 def test_objectives_build_only_the_heads_they_use():
-    mp = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), objective="mp"))
-    cl = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), objective="cl", cl_hidden=16))
-    zero = VIMPACPretrainer(PretrainConfig(backbone=B.micro(), alpha=0.0))
+    mp = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="mp"))
+    cl = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="cl", cl_hidden=16))
+    zero = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), alpha=0.0))
     assert mp.contrastive_head is None and mp.token_head is not None
     assert cl.token_head is None and cl.contrastive_head is not None
     assert zero.contrastive_head is None

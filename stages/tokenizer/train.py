@@ -20,7 +20,6 @@ import random
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from PIL import Image
 
 from models.vqvae import PRESETS, VQVAE
+from stages.checkpoints import atomic_save, flush_denormals, resolve_device, rng_states, set_rng_states, strip_prefixes
 from stages.config import TokenizerConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
 from stages.reporting import Reporter
@@ -64,27 +64,6 @@ def _code_stats(indices: torch.Tensor, codebook_size: int) -> tuple[float, float
     return float(entropy.exp()), float((counts > 0).double().mean())
 
 
-def _strip_prefixes(state: dict) -> dict:
-    """Keys as a bare model names them: torch.compile adds `_orig_mod.`, DDP adds `module.`."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    # Same folder as the target, so os.replace is a rename: a crash never leaves half a file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -103,7 +82,7 @@ def load_checkpoint(path: str | Path) -> VQVAE:
     ckpt = _read_checkpoint(path)
     try:
         model = VQVAE.from_config(dict(ckpt["model_config"]))
-        model.load_state_dict(_strip_prefixes(ckpt["model"]))
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"tokenizer checkpoint {path} does not match the VQ-VAE model: {type(e).__name__}: {e}") from e
     return model.eval()
@@ -170,23 +149,6 @@ def _to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S) in [0, 1]
 
 
-@contextmanager
-def _flush_denormals(device: torch.device) -> Iterator[None]:
-    """Subnormal floats turn up in this model's CPU training and make each step 10-20x slower."""
-    flush = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _lr_lambda(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -195,29 +157,6 @@ def _lr_lambda(warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _rng_states(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    states = {
-        "torch": torch.get_rng_state(),
-        # weights_only loading accepts plain lists, not numpy arrays.
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def _set_rng_states(states: dict, device: torch.device) -> None:
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _write_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> Path:
@@ -264,7 +203,7 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
     model_config = PRESETS[cfg.preset]()
     if cfg.codebook_size is not None:
         model_config.codebook_size = cfg.codebook_size
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     amp = cfg.amp and device.type == "cuda"
 
     # A fixed evaluation batch from its own seeded stream: independent of training's RNG use.
@@ -292,19 +231,19 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
     if last.exists():
         ckpt = _read_checkpoint(last)
         try:
-            model.load_state_dict(_strip_prefixes(ckpt["model"]))
+            model.load_state_dict(strip_prefixes(ckpt["model"]))
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
             frame_sum, frame_count = ckpt["frame_sum"], int(ckpt["frame_count"])
-            _set_rng_states(ckpt["rng"], device)
+            set_rng_states(ckpt["rng"], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
         reporter.info(f"resuming at step {step} from {last}")
     else:
         reporter.info(f"training tokenizer {run_key} ({cfg.preset}, {len(shards)} shards, {size} px) on {device}")
 
-    with _flush_denormals(device):
+    with flush_denormals(device):
         reporter.start_progress(cfg.steps, "tokenizer steps")
         if step:
             reporter.advance(step)
@@ -331,13 +270,13 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
                 step, consumed = step + 1, seen
 
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    _atomic_save({
+                    atomic_save({
                         "format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
-                        "model": _strip_prefixes(model.state_dict()), "model_config": model.config_dict(),
+                        "model": strip_prefixes(model.state_dict()), "model_config": model.config_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step": step, "epoch": epoch, "consumed": consumed,
                         "frame_sum": frame_sum, "frame_count": frame_count,
-                        "rng": _rng_states(device), "config": cfg.model_dump(mode="json"),
+                        "rng": rng_states(device), "config": cfg.model_dump(mode="json"),
                     }, last)
                 if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
                     recon = float(out.recon_loss.detach())
@@ -376,7 +315,7 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
     metadata = {"run_key": run_key, "data_fingerprint": fingerprint, "code_version": CODE_VERSION, "steps": step,
                 "metrics": metrics, "datasets": list(datasets), "shards": [s.unit for s in shards], "frame_size": size,
                 "config": cfg.model_dump(mode="json")}
-    _atomic_save({"format": FORMAT, "kind": "final", "model": _strip_prefixes(model.state_dict()),
+    atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
                   "model_config": model.config_dict(), "metadata": metadata}, final)
     last.unlink(missing_ok=True)  # the resume point is moot once the run is finished
     reporter.artifact(final)

@@ -1,0 +1,47 @@
+"""Prefect flow for the pretrain stage: train (or resume, or reuse) and register the backbone."""
+
+from __future__ import annotations
+
+import json
+
+from prefect import flow
+
+from stages.config import DatasetConfig, PretrainConfig
+from stages.pretrain.train import pretrain as run_pretrain
+from stages.pretrain.train import resolve_tokenizer_identity
+
+from flows.registry import register_checkpoint
+from flows.stage_flow import record_outcome, run_name_from, stage_flow_run
+
+
+@flow(
+    name="pretrain",
+    flow_run_name=run_name_from("pretrain"),
+    description="VIMPAC pretraining (mask-then-predict + contrastive) over the token shards of the given datasets; "
+    "metrics stream to MLflow, an interrupted run resumes from its last checkpoint, and the final backbone is "
+    "registered in the MLflow model registry with its tokenizer and datasets.",
+)
+def pretrain(dataset: DatasetConfig, config: PretrainConfig | None = None, home: str | None = None, force: bool = False,
+             train_on: list[str] | None = None) -> dict:
+    config = config or PretrainConfig()
+    datasets = train_on or config.datasets or [dataset.name]
+    resolved = {"dataset": dataset.model_dump(), "pretrain": config.model_dump(), "train_on": datasets, "force": force}
+    with stage_flow_run("pretrain", dataset.name, home, resolved) as ctx:
+        identity = resolve_tokenizer_identity(ctx.root, datasets, config.tokenizer)
+        config = config.model_copy(update={"tokenizer": identity})
+        result = run_pretrain(ctx.root, datasets, config, reporter=ctx.reporter, force=force)
+        ctx.set_run_name(f"pretrain-{result.run_name}")
+        summary = {"dataset": dataset.name, "run_name": result.run_name, "run_key": result.run_key,
+                   "checkpoint": str(result.checkpoint), "cached": result.cached, "steps": result.steps,
+                   "tokenizer": result.tokenizer, "datasets": ",".join(result.datasets),
+                   **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+        if result.checkpoint.name == "final.pt":
+            summary["model_uri"] = register_checkpoint(
+                result.checkpoint, config.register_as, result.run_key,
+                {"vimpac.tokenizer": result.tokenizer, "vimpac.datasets": ",".join(result.datasets),
+                 "vimpac.data_fingerprint": result.data_fingerprint, "vimpac.recipe": result.run_name,
+                 "vimpac.config": json.dumps(config.model_dump(), sort_keys=True)[:4000]},
+                artifact_path="backbone", description="VIMPAC video transformer pretrained by vimpac",
+            )
+            ctx.reporter.info(f"backbone {'reused' if result.cached else 'trained'}: {summary['model_uri']} ({result.checkpoint})")
+        return record_outcome(ctx, "pretrain", summary, [], [])

@@ -1,0 +1,550 @@
+"""The pretrain stage: VIMPAC's mask-then-predict + contrastive pretraining over token shards.
+
+One process, or one per GPU under torchrun (DDP). Everything a resume needs (model, optimizer,
+scheduler, step, RNG states, the loader's position, the config) is saved atomically every
+`checkpoint_every` steps; a run with the same key picks it up and continues the same run, with
+the same losses as an uninterrupted one. The finished backbone is `final.pt` in
+`checkpoints/pretrain/<run key>/`; a finished run key is not trained again unless forced.
+
+Optimisation follows Appendix C / Table 4: AdamW (betas 0.9, 0.98; weight decay 0.05, none on
+biases, norms and [CLS]), linear warm-up then linear decay, gradient clipping at 1.0, gradient
+accumulation to an effective batch without all-reduce on non-final micro-steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import random
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from models.backbone import PRESETS as BACKBONES
+from models.backbone import flops_per_clip, load_state_resized
+from models.masking import block_mask, blocks_for_ratio, corrupt, iid_mask
+from models.pretrain import PretrainModelConfig, VIMPACPretrainer
+from stages.checkpoints import atomic_save, flush_denormals, rng_states, set_rng_states, strip_prefixes
+from stages.config import ConfigError, PretrainConfig, config_hash
+from stages.pretrain import distributed as D
+from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, token_shards
+from stages.reporting import Reporter
+from warehouse.catalog import Catalog
+from warehouse.layout import DataRoot
+
+CODE_VERSION = "pretrain-1"
+FORMAT = "vimpac-pretrain"
+
+# Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; unknown devices get none.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+             "A10G": 70e12, "V100": 125e12, "B200": 2250e12}
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: Path
+    run_key: str
+    run_name: str
+    steps: int
+    metrics: dict
+    cached: bool
+    tokenizer: str
+    datasets: list[str]
+    data_fingerprint: str
+    model_config: dict = field(default_factory=dict)
+
+
+def mask_batch(batch: dict, generator: torch.Generator, *, strategy: str, n_blocks: int, ratio: float, replacement: str,
+               pad_id: int, mask_id: int, n_codes: int, enabled: bool) -> dict:
+    """Loader transform (runs in the data-loader worker): each clip gets its own mask (Sec. 3.1).
+    Adds "inputs" (masked ids), "predict" (where the loss is) and "pad" (padded positions)."""
+    tokens = batch["tokens"]  # (B, 2, T, H, W)
+    b, two, t, h, w = tokens.shape
+    flat = tokens.reshape(b * two, t, h, w)
+    if not enabled:  # contrastive only: the clips go in unmasked
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+    elif strategy == "block":
+        mask = block_mask((b * two, t, h, w), n_blocks, generator)
+    else:
+        mask = iid_mask((b * two, t, h, w), ratio, generator)
+    inputs, predict = corrupt(flat, mask, pad_id=pad_id, mask_id=mask_id, n_codes=n_codes, replacement=replacement,
+                              generator=generator)
+    batch["inputs"] = inputs.view_as(tokens)
+    batch["predict"] = predict.view_as(tokens)
+    batch["pad"] = tokens == pad_id
+    return batch
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to the peak, then linear decay to zero at `total` (Appendix C)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases, LayerNorm/BatchNorm weights and the [CLS] vectors
+    (all 1-D) are exempt, as in BERT."""
+    decay, no_decay, seen = [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16[key]
+    return None
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    videos: int
+    mask_ce_sum: float = 0.0
+    mask_correct: float = 0.0
+    n_predicted: float = 0.0
+    cl_loss: float = 0.0
+    cl_acc: float = 0.0
+    target_counts: torch.Tensor | None = None
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
+               device: torch.device, amp: bool, grad_clip: float, n_codes: int | None = None) -> StepStats:
+    """One optimizer step over k micro-batches (gradient accumulation).
+
+    The mask loss of every micro-batch is normalised by the predicted-token count of the whole
+    effective global batch, and the contrastive loss by k, so the update equals one batch of k
+    times the size on one process (tests/test_pretrain_train.py). Under DDP the gradient
+    all-reduce happens only on the last micro-step (`no_sync`), the obvious win over the authors'
+    code (DESIGN.md).
+    """
+    k = len(micro_batches)
+    ddp = isinstance(model, DistributedDataParallel)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
+    batches = [_to_device(b, device) for b in micro_batches]
+    predicted = torch.tensor([float(sum(int(b["predict"].sum()) for b in batches))], device=device)
+    mask_norm = D.all_reduce_sum(predicted).clamp_min(1.0) / world
+    stats = StepStats(0.0, 0.0, sum(int(b["tokens"].shape[0]) for b in batches))
+    counts = torch.zeros(n_codes, dtype=torch.long, device=device) if n_codes else None
+    model.train()
+    for i, b in enumerate(batches):
+        with nullcontext() if (not ddp or i == k - 1) else model.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"], mask_norm=mask_norm,
+                            cl_scale=1.0 / k)
+            out["loss"].backward()
+        stats.loss += float(out["loss"].detach())
+        if "mask_ce_sum" in out:
+            stats.mask_ce_sum += float(out["mask_ce_sum"])
+            stats.mask_correct += float(out["mask_correct"])
+            stats.n_predicted += float(out["n_predicted"])
+            if counts is not None:
+                counts += torch.bincount(b["tokens"][b["predict"]], minlength=n_codes)[:n_codes]
+        if "cl_loss" in out:
+            stats.cl_loss += float(out["cl_loss"]) / k
+            stats.cl_acc += float(out["cl_acc"]) / k
+    stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats.target_counts = counts
+    return stats
+
+
+@dataclass
+class _Window:
+    """Sums since the last log line, reduced over ranks when logged."""
+
+    steps: int = 0
+    loss: float = 0.0
+    mask_ce: float = 0.0
+    correct: float = 0.0
+    predicted: float = 0.0
+    cl_loss: float = 0.0
+    cl_acc: float = 0.0
+    grad_norm: float = 0.0
+    videos: float = 0.0
+    wait_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, s: StepStats, wait_s: float) -> None:
+        self.steps += 1
+        self.loss += s.loss
+        self.mask_ce += s.mask_ce_sum
+        self.correct += s.mask_correct
+        self.predicted += s.n_predicted
+        self.cl_loss += s.cl_loss
+        self.cl_acc += s.cl_acc
+        self.grad_norm += s.grad_norm
+        self.videos += s.videos
+        self.wait_s += wait_s
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        fields_ = ["loss", "mask_ce", "correct", "predicted", "cl_loss", "cl_acc", "grad_norm", "videos", "wait_s"]
+        t = D.all_reduce_sum(torch.tensor([float(getattr(self, f)) for f in fields_], dtype=torch.float64, device=device))
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        sums = dict(zip(fields_, t.tolist()))
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        n = max(1, self.steps) * world
+        out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "videos_per_s": sums["videos"] / elapsed,
+               "data_wait_frac": sums["wait_s"] / world / elapsed, "videos": sums["videos"]}
+        if sums["predicted"] > 0:
+            out["mask_loss"] = sums["mask_ce"] / sums["predicted"]
+            out["mask_acc"] = sums["correct"] / sums["predicted"]
+        if sums["cl_loss"] or sums["cl_acc"]:
+            out["cl_loss"] = sums["cl_loss"] / n
+            out["cl_acc"] = sums["cl_acc"] / n
+        return out
+
+
+def _fingerprint(shards: list[TokenShard]) -> str:
+    return hashlib.sha256("\n".join(sorted(s.path for s in shards)).encode()).hexdigest()
+
+
+def _frame_size(root: DataRoot, shards: list[TokenShard]) -> int:
+    rows = Catalog(root).rows(
+        "SELECT DISTINCT size FROM token_samples WHERE shard IN (SELECT unnest(?::VARCHAR[]))", [[s.path for s in shards]]
+    )
+    return int(rows[0][0]) if rows else shards[0].grid[0]
+
+
+def model_config(cfg: PretrainConfig, n_codes: int, grid: int) -> PretrainModelConfig:
+    """The preset, with vocabulary and positional tables fitted to the tokens (Table 3: the
+    vocabulary is the tokenizer's)."""
+    backbone = BACKBONES[cfg.model.preset]()
+    backbone.n_codes, backbone.frames, backbone.grid = n_codes, cfg.data.frames, grid
+    backbone.dropout, backbone.norm = cfg.model.dropout, cfg.model.norm
+    if cfg.model.layout:
+        backbone.layout = cfg.model.layout
+    try:
+        backbone.__post_init__()
+        return PretrainModelConfig(backbone=backbone, objective=cfg.model.objective, alpha=cfg.model.alpha,
+                                   temperature=cfg.model.temperature, cl_hidden=cfg.model.cl_hidden,
+                                   cl_layers=cfg.model.cl_layers, cl_dim=cfg.model.cl_dim)
+    except ValueError as e:
+        raise ConfigError(f"pretrain model: {e}") from None
+
+
+def run_name(cfg: PretrainConfig, frame_size: int) -> str:
+    """The recipe in a name: preset-TxS-objective, e.g. small-5x128-mp+cl."""
+    name = f"{cfg.model.preset}-{cfg.data.frames}x{frame_size}-{cfg.model.objective}"
+    if cfg.model.layout and cfg.model.layout.replace(" ", "") != "T,H|W":
+        name += f"-{cfg.model.layout.replace(',', '.').replace('|', '')}"
+    if cfg.masking.strategy != "block":
+        name += f"-{cfg.masking.strategy}"
+    return name
+
+
+def resolve_tokenizer_identity(root: DataRoot, datasets: list[str], ref: str) -> str:
+    """Which token shards to train on, as recorded in token_samples.tokenizer. models:/NAME/latest
+    (or models:/NAME) means the newest version of NAME that tokenized these datasets; empty means
+    the only tokenizer there is (the data loader names the candidates if there are several)."""
+    if not ref.startswith("models:/"):
+        return ref
+    name, _, version = ref[len("models:/"):].partition("/")
+    if version not in ("", "latest"):
+        return ref
+    rows = Catalog(root).rows(
+        "SELECT DISTINCT tokenizer FROM token_samples WHERE dataset IN (SELECT unnest(?::VARCHAR[])) AND tokenizer LIKE ?",
+        [list(datasets), f"models:/{name}/%"],
+    )
+    versions = [(int(v), t) for (t,) in rows if (v := t.rsplit("/", 1)[-1]).isdigit()]
+    if not versions:
+        raise ConfigError(f"no token shards of {', '.join(datasets)} were made by a version of {name!r}")
+    return max(versions)[1]
+
+
+def _read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"pretrain checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
+        raise ValueError(f"pretrain checkpoint {path} is not readable: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vimpac pretrain checkpoint")
+    return ckpt
+
+
+def load_pretrained(path: str | Path) -> tuple[VIMPACPretrainer, dict]:
+    """A finished (or resumable) pretrain checkpoint as a model on CPU, plus its metadata."""
+    ckpt = _read_checkpoint(Path(path))
+    try:
+        model = VIMPACPretrainer(PretrainModelConfig.from_dict(dict(ckpt["model_config"])))
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"pretrain checkpoint {path} does not match its model config: {type(e).__name__}: {e}") from e
+    return model.eval(), dict(ckpt.get("metadata") or {})
+
+
+def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
+    """Continue from another run's weights at a new T or S (the paper's 128 -> 256 phase)."""
+    try:
+        source, _ = load_pretrained(path)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
+    state = source.state_dict()
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        load_state_resized(model.backbone, backbone)
+        heads = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+        missing = model.load_state_dict({**{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}, **heads},
+                                        strict=False)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from {path}: {e}") from None
+    reporter.info(f"initialised from {path} (positional tables interpolated to {model.config.backbone.frames} frames x "
+                  f"{model.config.backbone.grid}^2 tokens); heads not taken over: {missing.missing_keys or 'none'}")
+
+
+def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, reporter: Reporter | None = None,
+             force: bool = False, max_steps: int | None = None) -> PretrainResult:
+    """Pretrain (or resume, or find finished) a VIMPAC model on these datasets' token shards.
+
+    `max_steps` stops early without finishing the run (tests and time-boxed jobs); the resume
+    checkpoint then holds the position and a later call continues.
+    """
+    reporter = reporter or Reporter()
+    if not datasets:
+        raise ConfigError("pretrain needs at least one dataset")
+    info = D.setup(cfg.train.device)
+    try:
+        return _pretrain(root, datasets, cfg, reporter, force, max_steps, info)
+    finally:
+        D.teardown(info)
+
+
+def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter: Reporter, force: bool,
+              max_steps: int | None, info: D.DistInfo) -> PretrainResult:
+    try:
+        shards = token_shards(root, datasets, cfg.tokenizer or None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tokenizer = shards[0].tokenizer
+    n_codes, grid = shards[0].codebook_size, shards[0].grid
+    if grid[0] != grid[1]:
+        raise ConfigError(f"token grids must be square for the factorized positional tables, got {grid[0]}x{grid[1]}")
+    size = _frame_size(root, shards)
+    fingerprint = _fingerprint(shards)
+    mcfg = model_config(cfg, n_codes, grid[0])
+    bcfg = mcfg.backbone
+    name = run_name(cfg, size)
+    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, tokenizer, info.world_size], separators=(",", ":"))
+    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    run_dir = root.home / "checkpoints" / "pretrain" / run_key
+    final, last = run_dir / "final.pt", run_dir / "last.pt"
+    if force and info.is_main:
+        final.unlink(missing_ok=True)
+        last.unlink(missing_ok=True)
+    D.barrier()
+    if final.exists():
+        ckpt = _read_checkpoint(final)
+        meta = ckpt["metadata"]
+        reporter.info(f"pretrain {name} ({run_key}) already finished: {final}")
+        return PretrainResult(final, run_key, meta["run_name"], int(meta["steps"]), dict(meta["metrics"]), True, tokenizer,
+                              list(datasets), fingerprint, dict(ckpt["model_config"]))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    world, device = info.world_size, info.device
+    n_videos = sum(s.n_samples for s in shards)
+    videos_per_epoch = cfg.train.videos_per_epoch or n_videos
+    batches_per_epoch = max(1, math.ceil(videos_per_epoch / (cfg.train.batch_size * world)))
+    k = cfg.train.accumulate
+    total_steps = max(1, math.ceil(cfg.train.epochs * batches_per_epoch / k))
+    warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+    n_blocks = cfg.masking.n_blocks or blocks_for_ratio(cfg.data.frames, grid[0], grid[1], cfg.masking.ratio)
+    amp = cfg.train.amp and device.type == "cuda"
+
+    transform = functools.partial(
+        mask_batch, strategy=cfg.masking.strategy, n_blocks=n_blocks, ratio=cfg.masking.ratio,
+        replacement=cfg.masking.replacement, pad_id=bcfg.pad_id, mask_id=bcfg.mask_id, n_codes=n_codes,
+        enabled=mcfg.uses_mask,
+    )
+    sampling = ClipSampling(n_frames=cfg.data.frames, max_distance_s=cfg.data.max_distance_s, view=cfg.data.view)
+
+    def loader(batches: int, seed: int) -> ClipLoader:
+        return ClipLoader(root, shards, sampling, batch_size=cfg.train.batch_size, batches_per_epoch=batches,
+                          pad_id=bcfg.pad_id, seed=seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
+                          shuffle_buffer=cfg.data.shuffle_buffer, transform=transform)
+
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    model = VIMPACPretrainer(mcfg)
+    if cfg.train.init_from:
+        _init_from(model, cfg.train.init_from, reporter)
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(cfg.train.beta1, cfg.train.beta2), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps))
+    step, epoch, consumed = 0, 0, 0
+    target_counts = torch.zeros(n_codes, dtype=torch.long)
+    if last.exists():
+        ckpt = _read_checkpoint(last)
+        try:
+            model.load_state_dict(strip_prefixes(ckpt["model"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
+            target_counts = ckpt["target_counts"].clone()
+            set_rng_states(ckpt["rng"][info.rank], device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
+        reporter.info(f"resuming {name} ({run_key}) at step {step}/{total_steps} (epoch {epoch}, batch {consumed})")
+    else:
+        reporter.info(
+            f"pretraining {name} ({run_key}): {model.backbone.num_params() / 1e6:.1f}M backbone + "
+            f"{model.head_params() / 1e6:.2f}M heads on {device} x {world}; {n_videos} videos in {len(shards)} shards "
+            f"of {', '.join(datasets)}; {total_steps} steps of {cfg.train.batch_size}x{world}x{k} videos; "
+            f"{n_blocks} mask blocks for {cfg.data.frames}x{grid[0]}x{grid[1]} tokens"
+        )
+
+    net: torch.nn.Module = model
+    if cfg.train.compile:
+        model.backbone = torch.compile(model.backbone)  # type: ignore[assignment]
+    if world > 1:
+        # Global-batch BatchNorm keeps its running statistics identical on every rank already.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+
+    flops_step = 3 * 2 * flops_per_clip(bcfg, cfg.data.frames, grid[0], grid[1])  # per video: two clips, fwd + bwd
+    peak = peak_flops(device)
+    tokens_per_video = 2 * cfg.data.frames * grid[0] * grid[1]
+    recent: deque[dict] = deque(maxlen=1)
+    stream_epoch, stream_pos = epoch, consumed
+
+    def micro_batches():
+        nonlocal stream_epoch, stream_pos
+        while True:
+            for batch in loader(batches_per_epoch, cfg.train.seed).epoch(stream_epoch, skip_batches=stream_pos):
+                stream_pos += 1
+                for err in batch.get("errors") or []:
+                    reporter.warning(f"pretrain data: {err}")
+                yield batch
+            stream_epoch, stream_pos = stream_epoch + 1, 0
+
+    def save_resume() -> None:
+        states = [None] * world
+        mine = rng_states(device)
+        if world > 1:
+            torch.distributed.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        if info.is_main:
+            atomic_save({
+                "format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
+                "model": strip_prefixes(model.state_dict()), "model_config": mcfg.to_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step, "epoch": stream_epoch, "consumed": stream_pos, "target_counts": target_counts,
+                "rng": states, "config": cfg.model_dump(mode="json"), "world_size": world,
+            }, last)
+        D.barrier()
+
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    window = _Window()
+    reporter.start_progress(total_steps, f"pretrain {name}")
+    if step:
+        reporter.advance(step)
+    with flush_denormals(device):
+        batches = micro_batches()
+        while step < stop_at:
+            t_wait = time.perf_counter()
+            micro = [next(batches) for _ in range(k)]
+            wait = time.perf_counter() - t_wait
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_step(net, optimizer, micro, device=device, amp=amp, grad_clip=cfg.train.grad_clip, n_codes=n_codes)
+            scheduler.step()
+            step += 1
+            if stats.target_counts is not None:
+                target_counts += stats.target_counts.cpu()
+            window.add(stats, wait)
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                values = window.reduce(device)
+                values["tokens_per_s"] = values["videos_per_s"] * tokens_per_video
+                values["lr"] = lr
+                values["epoch"] = stream_epoch + stream_pos / batches_per_epoch
+                if peak:
+                    values["mfu"] = values["videos_per_s"] * flops_step / (peak * world)
+                if info.is_main:
+                    reporter.metrics(values, step=step)
+                recent.append(values)
+                window = _Window()
+            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                save_resume()
+            reporter.advance()
+        batches.close()
+    if step < total_steps:
+        save_resume()
+        reporter.info(f"pretrain {name} stopped at step {step}/{total_steps}; run again to continue")
+        return PretrainResult(last, run_key, name, step, dict(recent[-1]) if recent else {}, False, tokenizer,
+                              list(datasets), fingerprint, mcfg.to_dict())
+
+    counts = D.all_reduce_sum(target_counts.to(device)).cpu()
+    evaluation = evaluate(net if world == 1 else model, loader(cfg.train.eval_batches, cfg.train.seed + 1), device, amp,
+                          counts, n_codes)
+    metrics = {**(recent[-1] if recent else {}), **evaluation}
+    reporter.metrics({k_: v for k_, v in evaluation.items()}, step=step)
+    if "eval_mask_acc" in evaluation:
+        reporter.info(f"pretrain {name}: held-out mask accuracy {evaluation['eval_mask_acc']:.3f} vs most-frequent-token "
+                      f"baseline {evaluation['eval_mask_acc_baseline']:.3f}")
+    if "eval_cl_acc" in evaluation:
+        reporter.info(f"pretrain {name}: contrastive accuracy {evaluation['eval_cl_acc']:.3f}")
+    metadata = {"run_key": run_key, "run_name": name, "code_version": CODE_VERSION, "steps": step, "metrics": metrics,
+                "datasets": list(datasets), "tokenizer": tokenizer, "data_fingerprint": fingerprint,
+                "shards": [s.path for s in shards], "frame_size": size, "n_blocks": n_blocks, "world_size": world,
+                "config": cfg.model_dump(mode="json")}
+    if info.is_main:
+        atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
+                     "model_config": mcfg.to_dict(), "metadata": metadata}, final)
+        last.unlink(missing_ok=True)
+    D.barrier()
+    return PretrainResult(final, run_key, name, step, metrics, False, tokenizer, list(datasets), fingerprint, mcfg.to_dict())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: ClipLoader, device: torch.device, amp: bool, train_counts: torch.Tensor,
+             n_codes: int) -> dict[str, float]:
+    """Mask and contrastive accuracy on freshly sampled clips and masks, model in eval mode,
+    next to the accuracy of always predicting the most frequent training target."""
+    model.eval()
+    most_frequent = int(train_counts.argmax()) if int(train_counts.sum()) else -1
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct, predicted, baseline hits, cl_acc, batches
+    for batch in loader.epoch(0):
+        b = _to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"])
+        if "mask_correct" in out:
+            sums[0] += float(out["mask_correct"])
+            sums[1] += float(out["n_predicted"])
+            sums[2] += float((b["tokens"][b["predict"]] == most_frequent).sum())
+        if "cl_acc" in out:
+            sums[3] += float(out["cl_acc"])
+        sums[4] += 1
+    sums = D.all_reduce_sum(sums)
+    out: dict[str, float] = {}
+    if sums[1] > 0:
+        out["eval_mask_acc"] = float(sums[0] / sums[1])
+        out["eval_mask_acc_baseline"] = float(sums[2] / sums[1])
+    if sums[3] > 0:
+        out["eval_cl_acc"] = float(sums[3] / sums[4])
+    return out

@@ -1,0 +1,227 @@
+"""The pretrain stage: DDP equals one process, SIGKILL + resume equals an uninterrupted run,
+accumulation, caching, continuing at a higher resolution, the flow's tracking and registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import backbone as B
+from models.pretrain import PretrainModelConfig, VIMPACPretrainer
+from pretrain_workers import global_micro_batches
+from stages.config import ConfigError, PretrainConfig, build, preset
+from stages.pretrain.train import load_pretrained, lr_factor, param_groups, pretrain, train_step
+from stages.reporting import RecordingReporter
+from test_pretrain_data import write_shard
+from warehouse.catalog import Catalog
+
+WORKERS = Path(__file__).with_name("pretrain_workers.py")
+REPO = Path(__file__).resolve().parents[1]
+CODES = 64
+
+
+def learnable_tokens(vid: int, n: int, n_views: int) -> np.ndarray:
+    """Codes with structure a model can learn: a per-video offset plus position, over 64 codes."""
+    t = np.arange(n)[:, None, None]
+    h = np.arange(4)[None, :, None]
+    w = np.arange(4)[None, None, :]
+    frame = (vid * 7 + t + 2 * h + 3 * w) % CODES
+    return np.broadcast_to(frame, (n_views, n, 4, 4)).astype(np.uint16)
+
+
+@pytest.fixture
+def corpus(root):
+    Catalog(root).ensure_tables()
+    write_shard(root, "pre", 0, list(range(0, 6)), codebook=CODES, make_tokens=learnable_tokens)
+    write_shard(root, "pre", 1, list(range(6, 12)), codebook=CODES, make_tokens=learnable_tokens)
+    return root
+
+
+def micro_cfg(*overrides: str) -> PretrainConfig:
+    return build(PretrainConfig, preset("pretrain", "micro"), list(overrides))
+
+
+def _env() -> dict[str, str]:
+    # One thread everywhere: identical float reductions in every process we compare.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.mark.slow
+def test_ddp_on_two_gloo_processes_gives_the_single_process_update(tmp_path):
+    single = subprocess.run([sys.executable, str(WORKERS), "step", str(tmp_path)], env=_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKERS),
+                          "step", str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = torch.load(tmp_path / "step-world1.pt")
+    two = torch.load(tmp_path / "step-world2.pt")
+    # float64 in both: anything but rounding noise would be a wrong loss scale, a missing
+    # negative or per-rank BatchNorm statistics.
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-10 * one["grad_norm"]
+    moved = 0
+    for name, update in one["update"].items():
+        assert torch.allclose(update, two["update"][name], atol=1e-11, rtol=0), f"{name} differs between 1 and 2 processes"
+        moved += int(update.abs().max() > 1e-6)
+    assert moved > 10, "the step changed the weights"
+    bn = [k for k in one["params"] if k.endswith("running_var")]
+    assert bn and all(torch.allclose(one["params"][k], two["params"][k], atol=1e-11) for k in bn)
+
+
+def test_accumulated_micro_steps_update_like_one_batch():
+    cfg = B.micro()
+    torch.manual_seed(0)
+    reference = VIMPACPretrainer(PretrainModelConfig(backbone=cfg, objective="mp"))
+    accumulated = VIMPACPretrainer(PretrainModelConfig(backbone=cfg, objective="mp"))
+    accumulated.load_state_dict(reference.state_dict())
+    micro = global_micro_batches(cfg)
+    big = [{k: torch.cat([b[k] for b in micro]) for k in micro[0]}]
+    for model, batches in ((reference, big), (accumulated, micro)):
+        opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)
+        train_step(model, opt, batches, device=torch.device("cpu"), amp=False, grad_clip=1.0)
+    for (name, a), b in zip(reference.named_parameters(), accumulated.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_weight_decay_spares_biases_norms_and_cls_and_schedule_is_linear():
+    model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), cl_hidden=16, cl_dim=8))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert {"backbone.cls", "backbone.embed_norm.weight", "token_head.bias"} <= exempt
+    assert any(n.endswith("qkv.bias") for n in exempt) and not any(n.endswith("qkv.weight") for n in exempt)
+    assert "backbone.embedding.weight" in {names[id(p)] for p in decay["params"]}
+    factors = [lr_factor(s, 4, 20) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0 and factors[-1] == pytest.approx(1 / 16)
+    assert all(a > b for a, b in zip(factors[4:], factors[5:]))
+
+
+def _losses(path: Path) -> dict[int, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses_exactly(corpus, tmp_path):
+    sets = ["train.epochs=6", "model.dropout=0.1", "train.checkpoint_every=1", "train.log_every=1", "data.workers=0"]
+    home = str(corpus.home)
+
+    def start(metrics: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(WORKERS), "run", home, str(metrics), *sets], env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    reference_log = tmp_path / "reference.jsonl"
+    ref = start(reference_log)
+    assert ref.wait(timeout=180) == 0, ref.stdout.read()[-3000:]
+    reference = _losses(reference_log)
+    total = max(reference)
+    assert total >= 12
+    ckpts = list((corpus.home / "checkpoints" / "pretrain").iterdir())
+    for run_dir in ckpts:  # forget the finished run: the next one must train again
+        for f in run_dir.iterdir():
+            f.unlink()
+
+    killed_log = tmp_path / "killed.jsonl"
+    victim = start(killed_log)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not killed_log.exists() or len(_losses(killed_log)) < 5):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done_before = len(_losses(killed_log))
+    assert 5 <= done_before < total, "killed mid-run"
+
+    resumed_log = tmp_path / "resumed.jsonl"
+    again = start(resumed_log)
+    out, _ = again.communicate(timeout=180)
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    resumed = _losses(resumed_log)
+    first = min(resumed)
+    assert 2 <= first <= done_before + 1 and max(resumed) == total
+    for s, loss in resumed.items():
+        assert loss == reference[s], f"step {s}: resumed {loss!r} vs uninterrupted {reference[s]!r}"
+    for s, loss in _losses(killed_log).items():
+        assert loss == reference[s]
+
+
+def test_finished_run_is_cached_forced_runs_again_and_max_steps_resumes(corpus):
+    cfg = micro_cfg("train.epochs=2")
+    partial = pretrain(corpus, ["pre"], cfg, max_steps=2)
+    assert partial.steps == 2 and partial.checkpoint.name == "last.pt"
+    rep = RecordingReporter()
+    full = pretrain(corpus, ["pre"], cfg, reporter=rep)
+    assert "resuming" in rep.text() and full.steps == 6 and full.checkpoint.name == "final.pt" and not full.cached
+    assert full.run_name == "micro-5x32-mp+cl"
+    assert {"eval_mask_acc", "eval_mask_acc_baseline", "eval_cl_acc", "loss", "mask_acc", "cl_loss", "lr"} <= set(full.metrics)
+    again = pretrain(corpus, ["pre"], cfg)
+    assert again.cached and again.checkpoint == full.checkpoint
+    forced = pretrain(corpus, ["pre"], cfg, force=True)
+    assert not forced.cached and forced.steps == 6
+    model, meta = load_pretrained(full.checkpoint)
+    assert meta["tokenizer"] == "ckpt:aaaaaaaaaaaaaaaa" and meta["datasets"] == ["pre"] and len(meta["shards"]) == 2
+    assert model.config.backbone.n_codes == CODES and model.config.backbone.grid == 4
+
+
+def test_init_from_continues_at_more_frames(corpus):
+    first = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1"))
+    rep = RecordingReporter()
+    second = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "data.frames=8", f"train.init_from={first.checkpoint}"),
+                      reporter=rep)
+    model, _ = load_pretrained(second.checkpoint)
+    assert model.backbone.pos_t.shape[0] == 8 and "interpolated" in rep.text()
+    assert second.run_name == "micro-8x32-mp+cl"
+
+
+def test_objectives_and_masking_options_train(corpus):
+    for sets in (["model.objective=mp"], ["model.objective=cl"], ["masking.strategy=iid", "masking.replacement=bert"],
+                 ["model.layout=T,H,W", "model.norm=pre"]):
+        result = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", *sets))
+        assert np.isfinite(result.metrics["loss"])
+    assert "eval_cl_acc" not in pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "model.objective=mp")).metrics
+
+
+def test_missing_tokens_and_bad_settings_are_clear_errors(corpus):
+    with pytest.raises(ConfigError, match="nope"):
+        pretrain(corpus, ["nope"], micro_cfg())
+    with pytest.raises(ConfigError, match="heads"):
+        pretrain(corpus, ["pre"], micro_cfg("model.layout=T,H|W|T"))
+    with pytest.raises(ConfigError, match="init_from"):
+        pretrain(corpus, ["pre"], micro_cfg("train.init_from=/does/not/exist.pt"))
+
+
+@pytest.mark.slow
+def test_pretrain_flow_streams_metrics_and_registers_the_backbone(prefect_harness, corpus):
+    from mlflow.tracking import MlflowClient
+
+    from flows.pretrain import pretrain as pretrain_flow
+    from stages.config import DatasetConfig
+
+    cfg = micro_cfg("train.epochs=2", "register_as=test-backbone")
+    summary = pretrain_flow(DatasetConfig(name="pre", source="/unused"), cfg, str(corpus.home))
+    assert summary["model_uri"] == "models:/test-backbone/1" and summary["run_name"] == "micro-5x32-mp+cl"
+    client = MlflowClient()
+    version = client.get_model_version("test-backbone", "1")
+    assert version.tags["vimpac.tokenizer"] == "ckpt:aaaaaaaaaaaaaaaa" and version.tags["vimpac.datasets"] == "pre"
+    run = client.get_run(version.run_id)
+    assert run.data.tags["mlflow.runName"] == "pretrain-micro-5x32-mp+cl"
+    history = client.get_metric_history(run.info.run_id, "mask_acc")
+    assert {m.step for m in history} >= set(range(1, 7)), "a point per logged step, live"
+    for key in ("loss", "mask_loss", "cl_loss", "cl_acc", "lr", "grad_norm", "videos_per_s", "tokens_per_s", "data_wait_frac"):
+        assert key in run.data.metrics, key
+    again = pretrain_flow(DatasetConfig(name="pre", source="/unused"), cfg, str(corpus.home))
+    assert again["cached"] and again["model_uri"] == summary["model_uri"]
