@@ -52,6 +52,12 @@ STATUS_SQL = {
         SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
                strftime(max(created_at), '%Y-%m-%d %H:%M:%S') AS last_commit
         FROM shards GROUP BY stage, dataset ORDER BY stage, dataset""",
+    "pretrained models": """
+        SELECT summary->>'run_name' AS recipe, dataset AS trained_on, CAST(summary->>'steps' AS INTEGER) AS steps,
+               round(CAST(summary->>'eval_mask_acc' AS DOUBLE), 3) AS mask_acc,
+               round(CAST(summary->>'eval_mask_acc_baseline' AS DOUBLE), 3) AS most_frequent_baseline,
+               round(CAST(summary->>'eval_cl_acc' AS DOUBLE), 3) AS cl_acc, summary->>'model_uri' AS model
+        FROM runs WHERE stage = 'pretrain' AND status = 'completed' ORDER BY finished_at DESC LIMIT 5""",
     "recent runs": """
         SELECT run_id, stage, dataset, status, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,
                round(epoch(finished_at) - epoch(started_at), 1) AS seconds, mlflow_run_id
@@ -120,6 +126,15 @@ def _flows(home: str | None):
     return root, flows
 
 
+def _has_tokens(home: str | None, dataset: str) -> bool:
+    from warehouse.catalog import Catalog
+
+    try:
+        return bool(Catalog(home).rows("SELECT count(*) FROM token_samples WHERE dataset = ?", [dataset])[0][0])
+    except FileNotFoundError:
+        return False
+
+
 def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConfig:
     """--source, else the --config file's entry, else what the catalog recorded at ingest."""
     if args.source:
@@ -140,6 +155,9 @@ def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConf
         if rows:
             source, _, flip = rows[0]
             return build(DatasetConfig, {"name": args.dataset, "source": source, "flip_sensitive": bool(flip) or args.flip_sensitive})
+        if args.stage == "pretrain" and _has_tokens(args.home, args.dataset):
+            # Pretraining reads token shards only: tokens made elsewhere and copied in are enough.
+            return build(DatasetConfig, {"name": args.dataset, "source": f"token shards of {args.dataset}"})
         raise ConfigError(f"dataset {args.dataset!r} has not been ingested into {DataRoot(args.home).home} (run `vimpac run ingest` first)")
     raise ConfigError(f"dataset {args.dataset!r}: give --source, or a --config file that defines it")
 
@@ -267,6 +285,9 @@ def demo_pipeline_file(out_dir: Path, datasets) -> Path:
         "frames": {"size": 64},
         # A tiny VQ-VAE trained on the pretraining set (CPU: about a minute).
         "tokenizer": PRESETS["tokenizer"]["tiny"] | {"register_as": "vimpac-tokenizer-demo"},
+        # The tiny VIMPAC model on the pretraining set's tokens: 300 steps of 8 videos (CPU:
+        # about a minute and a half). Four long videos, so an epoch is one batch.
+        "pretrain": deep_merge(PRESETS["pretrain"]["tiny"], {"train": {"epochs": 300}, "register_as": "vimpac-backbone-demo"}),
     }
     path = out_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))

@@ -1,7 +1,8 @@
 """The `pipeline` flow: every configured stage, in DAG order, under one parent MLflow run.
 
 ingest and frames run per dataset; the tokenizer is trained once (on the pretraining
-datasets) and registered; tokenize then encodes every dataset with it.
+datasets) and registered; tokenize then encodes every dataset with it; pretrain trains the
+VIMPAC model once on the pretraining datasets' tokens and registers the backbone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,21 @@ from warehouse.layout import DataRoot
 
 from flows.frames import frames
 from flows.ingest import ingest
+from flows.pretrain import pretrain
 from flows.tokenizer import tokenize, tokenizer
 from flows.tracking import tracked_run
+
+
+def pretraining_datasets(catalog: Catalog, config: PipelineConfig, chosen: list[str] | None, setting: str) -> list[str]:
+    """`chosen` if the config names datasets for this stage, else the unlabeled ones (the paper
+    pretrains on HowTo100M, no labels), else all."""
+    names = [d.name for d in config.datasets]
+    labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
+    picked = chosen or [n for n in names if not labeled.get(n)] or names
+    unknown = sorted(set(picked) - set(names))
+    if unknown:
+        raise ConfigError(f"{setting} names datasets the pipeline does not have: {', '.join(unknown)}")
+    return picked
 
 
 @flow(name="pipeline", description="Run the configured stages (in DAG order) over the configured datasets.")
@@ -51,12 +65,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
 
         tokenizer_ref = config.tokenize.tokenizer
         if "tokenizer" in config.stages and config.datasets:
-            labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
-            names = [d.name for d in config.datasets]
-            train_on = config.tokenizer.datasets or [n for n in names if not labeled.get(n)] or names
-            unknown = sorted(set(train_on) - set(names))
-            if unknown:
-                raise ConfigError(f"tokenizer.datasets names datasets the pipeline does not have: {', '.join(unknown)}")
+            train_on = pretraining_datasets(catalog, config, config.tokenizer.datasets, "tokenizer.datasets")
             first = next(d for d in config.datasets if d.name == train_on[0])
             trained = run("tokenizer", tokenizer, "+".join(train_on), first, config.tokenizer, str(root.home), force,
                           frame_size=config.tokenizer.size or config.frames.size, train_on=train_on)
@@ -69,6 +78,17 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                     logger.warning(f"tokenize of {ds.name} skipped: an earlier stage failed or no tokenizer is available")
                     continue
                 run("tokenize", tokenize, ds.name, ds, tokenize_cfg, str(root.home), force)
+        if "pretrain" in config.stages and config.datasets:
+            pretrain_on = pretraining_datasets(catalog, config, config.pretrain.datasets, "pretrain.datasets")
+            blocked = [n for n in pretrain_on if any(f.startswith(f"{n}/") for f in failed)]
+            pretrain_cfg = config.pretrain
+            if not pretrain_cfg.tokenizer and tokenizer_ref:
+                pretrain_cfg = pretrain_cfg.model_copy(update={"tokenizer": tokenizer_ref})
+            if blocked:
+                logger.warning(f"pretrain skipped: an earlier stage failed for {', '.join(blocked)}")
+            else:
+                first = next(d for d in config.datasets if d.name == pretrain_on[0])
+                run("pretrain", pretrain, "+".join(pretrain_on), first, pretrain_cfg, str(root.home), force, train_on=pretrain_on)
         ctx.record.summary = {"stages": summaries, "failed": failed}
         if failed:
             raise RuntimeError(f"{len(failed)} stage runs failed: " + "; ".join(failed))

@@ -295,7 +295,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                            "data": {"frames": 10}, "train": {"batch_size": 128, "accumulate": 8}},
         # CPU: the demo (64 px frames -> 8x8 tokens) and tests.
         "tiny": {"model": {"preset": "tiny", "cl_hidden": 256, "cl_dim": 64, "dropout": 0.0},
-                 "train": {"batch_size": 8, "lr": 2e-3, "warmup": 0.1, "epochs": 1, "log_every": 5, "checkpoint_every": 50}},
+                 "train": {"batch_size": 8, "lr": 2e-3, "warmup": 0.1, "epochs": 1, "log_every": 5, "checkpoint_every": 50},
+                 # Two cores: a loader process would compete with training; masks cost little here.
+                 "data": {"workers": 0}},
         "micro": {"model": {"preset": "micro", "cl_hidden": 32, "cl_dim": 16, "dropout": 0.0},
                   "train": {"batch_size": 4, "lr": 1e-3, "warmup": 1, "epochs": 1, "log_every": 1, "checkpoint_every": 1},
                   "data": {"workers": 0}},

@@ -187,6 +187,37 @@ def test_init_from_continues_at_more_frames(corpus):
     assert second.run_name == "micro-8x32-mp+cl"
 
 
+def test_ctrl_c_saves_the_position_and_the_next_run_continues(corpus, monkeypatch):
+    import stages.pretrain.train as T
+
+    calls = {"n": 0}
+    real = T.train_step
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    cfg = micro_cfg("train.epochs=2", "train.checkpoint_every=100")  # no periodic checkpoint in 6 steps
+    monkeypatch.setattr(T, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(corpus, ["pre"], cfg)
+    monkeypatch.setattr(T, "train_step", real)
+    rep = RecordingReporter()
+    result = pretrain(corpus, ["pre"], cfg, reporter=rep)
+    assert "resuming" in rep.text() and "at step 3/6" in rep.text() and result.steps == 6
+
+
+def test_models_command_lists_presets_and_mask_blocks(capsys):
+    from flows.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "29.44M" in out and "119.75M" in out and "210.10M" in out
+    assert "5 x 16 x 16" in out and "14.4%" in out and "10 x 32 x 32" in out
+
+
 def test_objectives_and_masking_options_train(corpus):
     for sets in (["model.objective=mp"], ["model.objective=cl"], ["masking.strategy=iid", "masking.replacement=bert"],
                  ["model.layout=T,H,W", "model.norm=pre"]):
@@ -225,3 +256,26 @@ def test_pretrain_flow_streams_metrics_and_registers_the_backbone(prefect_harnes
         assert key in run.data.metrics, key
     again = pretrain_flow(DatasetConfig(name="pre", source="/unused"), cfg, str(corpus.home))
     assert again["cached"] and again["model_uri"] == summary["model_uri"]
+
+
+@pytest.mark.slow
+def test_torchrun_launch_of_the_cli_trains_on_two_ranks(corpus, tmp_path):
+    """The command the README gives for many GPUs, on 2 CPU processes with gloo: rank 0 runs
+    the Prefect flow and tracks the run, rank 1 trains alongside without Prefect or MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in _env().items() if not k.startswith(("PREFECT_", "MLFLOW_", "VIMPAC_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flows.cli",
+           "run", "pretrain", "--home", str(corpus.home), "--dataset", "pre", "--preset", "micro",
+           "--set", "train.epochs=2", "--set", "register_as=ddp-backbone"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    assert summary["model_uri"] == "models:/ddp-backbone/1"
+    _, meta = load_pretrained(summary["checkpoint"])
+    assert meta["world_size"] == 2 and meta["steps"] == 4  # 12 videos / (4 x 2 ranks) = 2 batches per epoch
+    runs = Catalog(corpus).rows("SELECT status FROM runs WHERE stage = 'pretrain'")
+    assert runs == [("completed",)], "one tracked run, from rank 0 only"
+    client = MlflowClient(tracking_uri=f"sqlite:///{corpus.home / 'mlflow' / 'mlflow.db'}",
+                          registry_uri=f"sqlite:///{corpus.home / 'mlflow' / 'mlflow.db'}")
+    assert client.get_model_version("ddp-backbone", "1").tags["vimpac.datasets"] == "pre"

@@ -416,7 +416,9 @@ class _Slot:
 
     def _shuffled(self, records: Iterator[_Record]) -> Iterator[_Record]:
         rng = _rng(self.loader.seed, self.epoch, self.n_slots, self.index, _SHUFFLE)
-        size = self.loader.shuffle_buffer
+        # A buffer larger than the corpus would only hold repeats, and filling it is paid
+        # at the start of every epoch.
+        size = min(self.loader.shuffle_buffer, max(1, sum(s.n_samples for s in self.loader.shards)))
         buffer: list[_Record] = []
         for record in records:
             buffer.append(record)

@@ -20,7 +20,8 @@ import math
 import random
 import time
 from collections import deque
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,6 +317,20 @@ def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
                   f"{model.config.backbone.grid}^2 tokens); heads not taken over: {missing.missing_keys or 'none'}")
 
 
+@contextmanager
+def _checkpoint_on_interrupt(save: Callable[[], None], enabled: bool, reporter: Reporter) -> Iterator[None]:
+    """Ctrl-C saves the position reached, so the next run continues from there rather than from
+    the last periodic checkpoint. Only in one process: under DDP the save is a collective and
+    the other ranks may be anywhere; there the periodic checkpoints are the resume points."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if enabled:
+            save()
+            reporter.info("interrupted: position saved; run the same command again to continue")
+        raise
+
+
 def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, reporter: Reporter | None = None,
              force: bool = False, max_steps: int | None = None) -> PretrainResult:
     """Pretrain (or resume, or find finished) a VIMPAC model on these datasets' token shards.
@@ -364,6 +379,8 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
                               list(datasets), fingerprint, dict(ckpt["model_config"]))
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in run_dir.glob(".*.partial"):  # a checkpoint write cut short by a kill
+            partial.unlink(missing_ok=True)
 
     world, device = info.world_size, info.device
     n_videos = sum(s.n_samples for s in shards)
@@ -465,7 +482,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     reporter.start_progress(total_steps, f"pretrain {name}")
     if step:
         reporter.advance(step)
-    with flush_denormals(device):
+    with flush_denormals(device), _checkpoint_on_interrupt(save_resume, world == 1, reporter):
         batches = micro_batches()
         while step < stop_at:
             t_wait = time.perf_counter()
