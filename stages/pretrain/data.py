@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing as mp
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -300,8 +301,25 @@ class ClipLoader:
         loader = DataLoader(
             _EpochStream(self, epoch, skip_batches), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
+            multiprocessing_context=_worker_context() if self.num_workers else None,
         )
         return _owned(iter(loader))
+
+
+def _worker_context() -> mp.context.BaseContext:
+    """Loader workers come from a fork server, not a fork of the training process.
+
+    A training process runs Prefect and MLflow threads (the pretrain flow); a plain fork copies
+    them half-alive, and the workers then die at exit (exit code 1, "database is locked" from
+    Prefect's services). The fork server is a clean interpreter that has imported torch once,
+    so a worker still starts in milliseconds. Its sys.path is the parent's at the time it starts.
+    """
+    ctx = mp.get_context("forkserver")
+    from multiprocessing import forkserver
+
+    if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:  # not started yet: choose what it preloads
+        ctx.set_forkserver_preload(["torch", "numpy", "webdataset", "stages.pretrain.data", "stages.pretrain.train"])
+    return ctx
 
 
 def _owned(batches: Iterator[dict]) -> Iterator[dict]:
