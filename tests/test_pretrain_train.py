@@ -242,7 +242,8 @@ def test_pretrain_flow_streams_metrics_and_registers_the_backbone(prefect_harnes
     from flows.pretrain import pretrain as pretrain_flow
     from stages.config import DatasetConfig
 
-    cfg = micro_cfg("train.epochs=2", "register_as=test-backbone")
+    # Loader workers inside a Prefect flow: a plain fork of this process kills them at exit.
+    cfg = micro_cfg("train.epochs=2", "register_as=test-backbone", "data.workers=2")
     summary = pretrain_flow(DatasetConfig(name="pre", source="/unused"), cfg, str(corpus.home))
     assert summary["model_uri"] == "models:/test-backbone/1" and summary["run_name"] == "micro-5x32-mp+cl"
     client = MlflowClient()

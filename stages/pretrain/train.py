@@ -423,7 +423,8 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
-            target_counts = ckpt["target_counts"].clone()
+            if info.is_main:  # the saved counts are global: rank 0 carries them on, the others restart at zero
+                target_counts = ckpt["target_counts"].clone()
             set_rng_states(ckpt["rng"][info.rank], device)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
@@ -467,12 +468,13 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             torch.distributed.all_gather_object(states, mine)
         else:
             states = [mine]
+        counts = D.all_reduce_sum(target_counts.to(device)).cpu()  # every rank's targets so far
         if info.is_main:
             atomic_save({
                 "format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
                 "model": strip_prefixes(model.state_dict()), "model_config": mcfg.to_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": stream_epoch, "consumed": stream_pos, "target_counts": target_counts,
+                "step": step, "epoch": stream_epoch, "consumed": stream_pos, "target_counts": counts,
                 "rng": states, "config": cfg.model_dump(mode="json"), "world_size": world,
             }, last)
         D.barrier()
