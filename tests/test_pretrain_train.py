@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,17 @@ def test_models_command_lists_presets_and_mask_blocks(capsys):
     out = capsys.readouterr().out
     assert "29.44M" in out and "119.75M" in out and "210.10M" in out
     assert "5 x 16 x 16" in out and "14.4%" in out and "10 x 32 x 32" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_training_matches_eager_and_saves_plain_keys(corpus):
+    eager = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1"))
+    # `compile` changes how, not what: same run key, so force it to train again.
+    compiled = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "train.compile=true"), force=True)
+    assert not compiled.cached
+    assert compiled.metrics["loss"] == pytest.approx(eager.metrics["loss"], rel=1e-3)
+    load_pretrained(compiled.checkpoint)  # loads into a plain model: no torch.compile key prefixes left
 
 
 def test_objectives_and_masking_options_train(corpus):

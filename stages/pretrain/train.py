@@ -439,7 +439,10 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
 
     net: torch.nn.Module = model
     if cfg.train.compile:
-        model.backbone = torch.compile(model.backbone)  # type: ignore[assignment]
+        # Layer by layer: the backbone's "any padding in this batch?" check is data-dependent
+        # and would break the graph; each layer compiles once per case (mask or none).
+        for i, layer in enumerate(model.backbone.layers):
+            model.backbone.layers[i] = torch.compile(layer)
     if world > 1:
         # Global-batch BatchNorm keeps its running statistics identical on every rank already.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
