@@ -402,7 +402,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     def loader(batches: int, seed: int) -> ClipLoader:
         return ClipLoader(root, shards, sampling, batch_size=cfg.train.batch_size, batches_per_epoch=batches,
                           pad_id=bcfg.pad_id, seed=seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
-                          shuffle_buffer=cfg.data.shuffle_buffer, transform=transform)
+                          shuffle_buffer=cfg.data.shuffle_buffer, transform=transform, pin_memory=device.type == "cuda")
 
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
