@@ -178,7 +178,7 @@ class PretrainTrain(StrictModel):
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (0.98 as BERT/RoBERTa for stability).")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    seed: int = Field(0, description="Seed for initialisation, clip sampling and masks.")
+    seed: int = Field(0, ge=0, description="Seed for initialisation, clip sampling and masks.")
     amp: bool = Field(True, description="bf16 autocast on CUDA (CPU trains in fp32).")
     compile: bool = operational(False, description="torch.compile the backbone.")
     device: str = operational("auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU).")

@@ -18,9 +18,11 @@ import hashlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,17 +320,28 @@ def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
 
 
 @contextmanager
-def _checkpoint_on_interrupt(save: Callable[[], None], enabled: bool, reporter: Reporter) -> Iterator[None]:
-    """Ctrl-C saves the position reached, so the next run continues from there rather than from
-    the last periodic checkpoint. Only in one process: under DDP the save is a collective and
-    the other ranks may be anywhere; there the periodic checkpoints are the resume points."""
+def _stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
+    """The first Ctrl-C asks to stop after the current optimizer step (the loop then saves the
+    position and raises KeyboardInterrupt); a second one interrupts at once. Saving in the middle
+    of a step would pair updated weights with the old step and data position. Only in one process
+    and on the main thread: under DDP the save is a collective and the other ranks may be anywhere;
+    there the periodic checkpoints are the resume points."""
+    state = {"stop": False}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame) -> None:
+        if state["stop"]:
+            raise KeyboardInterrupt
+        state["stop"] = True
+
+    signal.signal(signal.SIGINT, handler)
     try:
-        yield
-    except KeyboardInterrupt:
-        if enabled:
-            save()
-            reporter.info("interrupted: position saved; run the same command again to continue")
-        raise
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, reporter: Reporter | None = None,
@@ -487,7 +500,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     reporter.start_progress(total_steps, f"pretrain {name}")
     if step:
         reporter.advance(step)
-    with flush_denormals(device), _checkpoint_on_interrupt(save_resume, world == 1, reporter):
+    with flush_denormals(device), _stop_at_step_boundary(world == 1) as interrupt:
         batches = micro_batches()
         while step < stop_at:
             t_wait = time.perf_counter()
@@ -514,6 +527,10 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             if step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 save_resume()
             reporter.advance()
+            if interrupt["stop"]:
+                save_resume()
+                reporter.info(f"interrupted at step {step}: position saved; run the same command again to continue")
+                raise KeyboardInterrupt
         batches.close()
     if step < total_steps:
         save_resume()
