@@ -26,6 +26,21 @@ def strip_prefixes(state: dict) -> dict:
     return out
 
 
+def read_checkpoint(path: str | Path, fmt: str, what: str) -> dict:
+    """One of our own checkpoint files, loaded safely (weights_only) on CPU. ValueError naming the
+    file for a missing, unreadable or foreign file (`fmt` is the format tag its writer set)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
+        raise ValueError(f"{what} checkpoint {path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        raise ValueError(f"{what} checkpoint {path} is not a {fmt} checkpoint")
+    return ckpt
+
+
 def atomic_save(obj: dict, path: Path) -> None:
     # Same folder as the target, so os.replace is a rename: a crash never leaves half a file.
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")

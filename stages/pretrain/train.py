@@ -35,7 +35,7 @@ from models.backbone import PRESETS as BACKBONES
 from models.backbone import flops_per_clip, load_state_resized
 from models.masking import block_mask, blocks_for_ratio, corrupt, iid_mask
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer
-from stages.checkpoints import atomic_save, flush_denormals, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, token_shards
@@ -277,16 +277,8 @@ def resolve_tokenizer_identity(root: DataRoot, datasets: list[str], ref: str) ->
     return max(versions)[1]
 
 
-def _read_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"pretrain checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-        raise ValueError(f"pretrain checkpoint {path} is not readable: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vimpac pretrain checkpoint")
-    return ckpt
+def _read_checkpoint(path: str | Path) -> dict:
+    return read_checkpoint(path, FORMAT, "pretrain")
 
 
 def load_pretrained(path: str | Path) -> tuple[VIMPACPretrainer, dict]:

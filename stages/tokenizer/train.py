@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from models.vqvae import PRESETS, VQVAE
-from stages.checkpoints import atomic_save, flush_denormals, resolve_device, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, resolve_device, rng_states, set_rng_states, strip_prefixes
 from stages.config import TokenizerConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
 from stages.reporting import Reporter
@@ -65,16 +65,7 @@ def _code_stats(indices: torch.Tensor, codebook_size: int) -> tuple[float, float
 
 
 def _read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"tokenizer checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-        raise ValueError(f"tokenizer checkpoint {path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"tokenizer checkpoint {path} is not a {FORMAT} checkpoint")
-    return ckpt
+    return read_checkpoint(path, FORMAT, "tokenizer")
 
 
 def load_checkpoint(path: str | Path) -> VQVAE:
