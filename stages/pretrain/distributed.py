@@ -50,8 +50,13 @@ def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(rank, world, local_rank, dev, owns)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, *, clean: bool = True) -> None:
+    """Destroy the group we created. After a clean finish all ranks meet first: a rank that
+    destroys its gloo group while another still talks to it can abort ("terminate called without
+    an active exception"). After a failure there is no meeting: the other ranks may never come."""
     if info.owns_group and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -348,9 +348,12 @@ def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, report
         raise ConfigError("pretrain needs at least one dataset")
     info = D.setup(cfg.train.device)
     try:
-        return _pretrain(root, datasets, cfg, reporter, force, max_steps, info)
-    finally:
-        D.teardown(info)
+        result = _pretrain(root, datasets, cfg, reporter, force, max_steps, info)
+    except BaseException:
+        D.teardown(info, clean=False)
+        raise
+    D.teardown(info)
+    return result
 
 
 def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter: Reporter, force: bool,
