@@ -15,10 +15,8 @@ def register_checkpoint(checkpoint: Path, name: str, run_key: str, tags: dict[st
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    try:
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=description)
-    except mlflow.exceptions.MlflowException:
-        pass  # exists already
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.tags.get(REGISTRY_TAG) == run_key:
             return f"models:/{name}/{version.version}"

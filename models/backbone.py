@@ -77,11 +77,16 @@ class BackboneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BackboneConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown backbone config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "backbone")
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """A config dataclass from a checkpoint's dict, naming keys it does not know (a checkpoint
+    written by another version) instead of failing on an unexpected keyword."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {', '.join(unknown)}")
+    return cls(**data)
 
 
 def parse_layout(layout: str) -> list[list[str]]:

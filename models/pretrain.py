@@ -7,12 +7,12 @@ Objectives (Table 7): "mp+cl" (the paper's), "mp" (alpha = 0: no contrastive hea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from models.backbone import BackboneConfig, VideoTransformer
+from models.backbone import BackboneConfig, VideoTransformer, config_from_dict
 from models.heads import ContrastiveHead, TokenHead
 from models.losses import info_nce, masked_token_loss
 
@@ -48,11 +48,7 @@ class PretrainModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PretrainModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown pretrain config keys: {', '.join(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "pretrain")
 
 
 class VIMPACPretrainer(nn.Module):
