@@ -16,6 +16,7 @@ from stages.config import (
     PRESETS,
     STAGES,
     ConfigError,
+    LAYOUTS,
     DatasetConfig,
     PipelineConfig,
     build,
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=[*STAGES, "pipeline"])
     p.add_argument("--dataset", help="dataset name (stage runs)")
     p.add_argument("--source", help="directory, manifest (.csv/.jsonl/.parquet), list (.txt), video file or URL")
-    p.add_argument("--layout", choices=["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"])
+    p.add_argument("--layout", choices=list(LAYOUTS))
     p.add_argument("--flip-sensitive", action="store_true", help="horizontal flips change this dataset's labels")
     p.add_argument("--fps", type=float, help="frames: sampling rate (paper: 2 for long videos, 4 for short clips)")
     p.add_argument("--size", type=int, help="frames: view side S in pixels")

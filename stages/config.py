@@ -206,7 +206,8 @@ class PretrainConfig(StrictModel):
     register_as: str = operational("vimpac-backbone", description="MLflow registered model name for the final backbone.")
 
 
-Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "list", "manifest"]
+Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "ssv2", "diving48", "kinetics", "list", "manifest"]
+LAYOUTS: tuple[str, ...] = Layout.__args__
 
 
 class DatasetConfig(StrictModel):
@@ -217,7 +218,10 @@ class DatasetConfig(StrictModel):
         ..., description="A directory, a manifest (.csv/.jsonl/.parquet), a list (.txt), a video file, or a URL (http(s)://, file://, any fsspec URL)."
     )
     layout: Layout = Field("auto", description="How labels and splits are found; auto-detected by default.")
-    splits_dir: str | None = Field(None, description="Folder with split files (UCF101/HMDB51 layouts); default: found under the source.")
+    splits_dir: str | None = Field(
+        None, description="Folder with the split / annotation files (UCF101 and HMDB51 split lists, SSv2 and Diving48 JSON, "
+        "Kinetics CSV); default: found under the source.",
+    )
     flip_sensitive: bool = Field(
         False, description="Horizontal flips change the label (e.g. SSv2, left/right motion): no flipped views downstream."
     )

@@ -22,7 +22,7 @@ import pyarrow as pa
 from warehouse.layout import DataRoot
 from warehouse.tables import SCHEMAS, ensure_schema_file, table_glob
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Public views and their column order (DESIGN.md "The catalog (SQL contract)"), extras after.
 VIDEOS_COLUMNS = (
@@ -85,6 +85,24 @@ def view_ddl(root: DataRoot) -> list[str]:
            SEMI JOIN shards s ON s.stage = 'tokenize' AND s.dataset = t.dataset AND s.unit = t.unit
            QUALIFY row_number() OVER (
                PARTITION BY t.dataset, t.video_id, t.tokenizer, t.variant, t.size, t.fps ORDER BY t.created_at DESC) = 1""",
+        f"CREATE OR REPLACE VIEW results_log AS SELECT * FROM {src('results')}",
+        # An evaluation redone (--force) writes a new file; the newest value per metric wins.
+        """CREATE OR REPLACE VIEW results AS
+           SELECT eval_id, dataset, split, pretrain_run, finetune_run, tokenizer, protocol, metric, value,
+                  pretrain_model, pretrain_recipe, finetune_recipe, grid, eval_split, train_split, n_videos, n_classes,
+                  token_shards, checkpoint, run_id, code_version, created_at
+           FROM results_log
+           QUALIFY row_number() OVER (PARTITION BY eval_id, metric ORDER BY created_at DESC) = 1""",
+        f"CREATE OR REPLACE VIEW predictions_log AS SELECT * FROM {src('predictions')}",
+        # Predictions are written before their results file: only evaluations whose results
+        # exist (committed) are visible, and of those the newest write.
+        """CREATE OR REPLACE VIEW predictions AS
+           SELECT p.eval_id, p.video_id, p.label, p.prediction, p.top5, p.view_scores, p.views, p.scores, p.correct,
+                  p.label_index, p.dataset, p.token_shard, p.created_at
+           FROM predictions_log p
+           SEMI JOIN (SELECT eval_id, max(created_at) AS at FROM results_log GROUP BY eval_id) r
+                ON r.eval_id = p.eval_id AND p.created_at <= r.at
+           QUALIFY row_number() OVER (PARTITION BY p.eval_id, p.video_id ORDER BY p.created_at DESC) = 1""",
         f"""CREATE OR REPLACE VIEW datasets AS
             SELECT * FROM {src('datasets')}
             QUALIFY row_number() OVER (PARTITION BY dataset ORDER BY updated_at DESC) = 1""",

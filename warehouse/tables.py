@@ -149,6 +149,53 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("created_at", TS),
         ]
     ),
+    # One row per (evaluation, metric): the downstream results table (docs/catalog.md). A file
+    # per evaluation, written after its predictions file, so it is the evaluation's commit marker.
+    "results": pa.schema(
+        [
+            ("eval_id", pa.string()),
+            ("dataset", pa.string()),
+            ("split", pa.string()),
+            ("pretrain_run", pa.string()),
+            ("finetune_run", pa.string()),
+            ("tokenizer", pa.string()),
+            ("protocol", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("pretrain_model", pa.string()),
+            ("pretrain_recipe", pa.string()),
+            ("finetune_recipe", pa.string()),
+            ("grid", pa.string()),
+            ("eval_split", pa.string()),
+            ("train_split", pa.string()),
+            ("n_videos", pa.int64()),
+            ("n_classes", pa.int64()),
+            ("token_shards", pa.list_(pa.string())),
+            ("checkpoint", pa.string()),
+            ("run_id", pa.string()),
+            ("code_version", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
+    # One row per evaluated video: fused prediction plus every view's softmax scores, so a result
+    # can be re-fused under another view protocol without running the model again.
+    "predictions": pa.schema(
+        [
+            ("eval_id", pa.string()),
+            ("dataset", pa.string()),
+            ("video_id", pa.string()),
+            ("label", pa.string()),
+            ("label_index", pa.int32()),
+            ("prediction", pa.string()),
+            ("top5", pa.list_(pa.string())),
+            ("correct", pa.bool_()),
+            ("scores", pa.list_(pa.float32())),
+            ("views", pa.list_(pa.string())),
+            ("view_scores", pa.list_(pa.list_(pa.float32()))),
+            ("token_shard", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
     "datasets": pa.schema(
         [
             ("dataset", pa.string()),
@@ -215,6 +262,9 @@ LOCATIONS: dict[str, tuple[str, int]] = {
     "shards": ("tables/shards", 1),
     "runs": ("tables/runs", 1),
     "datasets": ("tables/datasets", 1),
+    # tables/results/<dataset>/<eval_id>.parquet, tables/predictions/<dataset>/<eval_id>.parquet
+    "results": ("tables/results", 1),
+    "predictions": ("tables/predictions", 1),
     # shards/frames/<dataset>/<variant>/NNNNN.parquet
     "frame_samples": ("shards/frames", 2),
     # shards/tokens/<dataset>/<variant>/NNNNN.parquet
