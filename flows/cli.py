@@ -18,6 +18,7 @@ from stages.config import (
     ConfigError,
     LAYOUTS,
     DatasetConfig,
+    GridConfig,
     PipelineConfig,
     build,
     deep_merge,
@@ -59,6 +60,10 @@ STATUS_SQL = {
                round(CAST(summary->>'eval_mask_acc_baseline' AS DOUBLE), 3) AS most_frequent_baseline,
                round(CAST(summary->>'eval_cl_acc' AS DOUBLE), 3) AS cl_acc, summary->>'model_uri' AS model
         FROM runs WHERE stage = 'pretrain' AND status = 'completed' ORDER BY finished_at DESC LIMIT 5""",
+    "results (top-1, %)": """
+        SELECT pretrain_recipe AS pretrained, dataset, split, finetune_recipe AS finetune, protocol,
+               round(100 * value, 1) AS top1, n_videos AS videos, grid
+        FROM results WHERE metric = 'top1' ORDER BY created_at DESC LIMIT 12""",
     "recent runs": """
         SELECT run_id, stage, dataset, status, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,
                round(epoch(finished_at) - epoch(started_at), 1) AS seconds, mlflow_run_id
@@ -118,6 +123,7 @@ def _flows(home: str | None):
     from flows.env import configure_environment
 
     root = configure_environment(home)
+    import flows.evaluate
     import flows.frames
     import flows.ingest
     import flows.pipeline
@@ -163,8 +169,38 @@ def _dataset_from_args(args: argparse.Namespace, file_data: dict) -> DatasetConf
     raise ConfigError(f"dataset {args.dataset!r}: give --source, or a --config file that defines it")
 
 
+def load_grid(path: Path, overrides: list[str]) -> GridConfig:
+    """A grid file (YAML/TOML). `--set` keys that are grid fields (parallel=2, name=x) set the
+    grid; any other key (train.epochs=3) is a fine-tune override for every cell."""
+    data = load_pipeline_file(path)
+    for m in data.get("models") or []:
+        ref = m.get("ref") if isinstance(m, dict) else m
+        # A checkpoint path in the grid file is relative to the file, like dataset sources.
+        if isinstance(ref, str) and ref != "scratch" and "://" not in ref and not Path(ref).expanduser().is_absolute():
+            resolved = str((path.parent / Path(ref).expanduser()).resolve())
+            if isinstance(m, dict):
+                m["ref"] = resolved
+            else:
+                data["models"][data["models"].index(m)] = resolved
+    grid_keys = [o for o in overrides if o.partition("=")[0].split(".")[0] in GridConfig.model_fields]
+    cell_keys = [o for o in overrides if o not in grid_keys]
+    data["set"] = list(data.get("set") or []) + cell_keys
+    return build(GridConfig, data, grid_keys)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
+    if args.stage == "evaluate":
+        if not args.grid:
+            raise ConfigError("vimpac run evaluate needs --grid FILE (models, datasets and splits; see README)")
+        grid = load_grid(args.grid, overrides)
+        root, flows = _flows(args.home)
+        outcome = flows.evaluate.evaluate(grid, str(root.home), args.force)
+        print(f"{len(outcome['cells'])} cells done; report: vimpac report --grid {grid.name}")
+        cmd_report(argparse.Namespace(home=str(root.home), metric="top1", grid=grid.name, out=None))
+        return 0
+    if args.stage == "finetune":
+        return _finetune_one(args, overrides)
     if args.stage == "pipeline":
         presets = {}
         for item in args.preset or []:
@@ -206,6 +242,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     }[args.stage]
     summary = stage_flow(dataset, stage_cfg, str(root.home), args.force)
     print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _finetune_one(args: argparse.Namespace, overrides: list[str]) -> int:
+    """One grid cell from flags: --model REF --dataset NAME [--split S] [--preset P] [--set ...].
+    Under torchrun, rank 0 runs the evaluate flow and the other ranks the same cell without
+    Prefect or MLflow (as for pretraining)."""
+    if not args.dataset or not args.model:
+        raise ConfigError("vimpac run finetune needs --model REF (scratch, models:/NAME/VERSION or a path) and --dataset NAME")
+    grid = build(GridConfig, {"name": args.grid_name or "adhoc", "models": [args.model],
+                              "datasets": [{"name": args.dataset, "splits": [args.split or "auto"]}],
+                              "presets": args.preset or ["default"], "set": overrides})
+    if int(os.environ.get("RANK", "0")) > 0:
+        from stages.finetune.train import ModelSource, finetune_cell
+
+        from flows.evaluate import expand_grid
+
+        cell = expand_grid(grid)[0]
+        ref = cell.model.ref
+        if ref.startswith("models:/"):
+            from flows.env import configure_environment
+            from flows.registry import download_version
+
+            configure_environment(args.home)
+            local, uri = download_version(ref)
+            source = ModelSource(uri, local)
+        else:
+            source = ModelSource(ref, None if ref == "scratch" else Path(ref))
+        finetune_cell(DataRoot(args.home), source, cell.dataset, cell.split, cell.config, preset=cell.preset, grid=grid.name,
+                      force=args.force)
+        return 0
+    root, flows = _flows(args.home)
+    outcome = flows.evaluate.evaluate(grid, str(root.home), args.force)
+    print(json.dumps(outcome["cells"], indent=1, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The results grid like the paper's Table 7: rows = pretraining recipe, columns = datasets."""
+    from stages.evaluate.report import build_report
+    from warehouse.catalog import Catalog
+
+    report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid)
+    if not report.rows:
+        print("no results yet (run `vimpac run evaluate --grid FILE`)")
+        return 0
+    _print_table(report.to_arrow(), report.title)
+    out = Path(args.out) if args.out else DataRoot(args.home).home / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"results-{args.grid or 'all'}-{args.metric}"
+    (out / f"{stem}.md").write_text(report.to_markdown())
+    (out / f"{stem}.csv").write_text(report.to_csv())
+    print(f"wrote {out / stem}.md and .csv")
     return 0
 
 
@@ -289,6 +378,9 @@ def demo_pipeline_file(out_dir: Path, datasets) -> Path:
         # The tiny VIMPAC model on the pretraining set's tokens: 300 steps of 8 videos (CPU:
         # about a minute and a half). Four long videos, so an epoch is one batch.
         "pretrain": deep_merge(PRESETS["pretrain"]["tiny"], {"train": {"epochs": 300}, "register_as": "vimpac-backbone-demo"}),
+        # Table 7 in miniature: the from-scratch baseline and the backbone pretrained above,
+        # fine-tuned on both labeled sets (split 1) with the tiny CPU preset.
+        "evaluate": {"models": ["scratch", "pretrained"], "presets": ["tiny"]},
     }
     path = out_dir / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -310,6 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     flows.pipeline.pipeline(cfg, str(root.home), args.force)
     print("[3/3] catalog summary (vimpac status):")
     cmd_status(argparse.Namespace(home=str(root.home)))
+    cmd_report(argparse.Namespace(home=str(root.home), metric="top1", grid=cfg.name, out=None))
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; query it with: vimpac --home {root.home} sql \"SELECT * FROM videos\"")
     return 0
 
@@ -355,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("run", parents=[common], help="run one stage, or the whole pipeline, as a Prefect flow")
-    p.add_argument("stage", choices=[*STAGES, "pipeline"])
+    p.add_argument("stage", choices=[*STAGES, "finetune", "pipeline"])
     p.add_argument("--dataset", help="dataset name (stage runs)")
     p.add_argument("--source", help="directory, manifest (.csv/.jsonl/.parquet), list (.txt), video file or URL")
     p.add_argument("--layout", choices=list(LAYOUTS))
@@ -366,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenize: models:/NAME/VERSION, a checkpoint path, or dalle:ENC[,DEC]; "
                    "pretrain: whose token shards (models:/NAME/VERSION|latest)")
     p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
+    p.add_argument("--grid", type=Path, help="evaluate: grid file naming models, datasets, splits and presets")
+    p.add_argument("--model", help="finetune: scratch, models:/NAME/VERSION|latest, or a pretrain checkpoint path")
+    p.add_argument("--split", help="finetune: split set (1, 2, 3), TRAIN:EVAL split names, or auto")
+    p.add_argument("--grid-name", help="finetune: grid name recorded with the results (default: adhoc)")
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. batch_size=8")
@@ -374,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", parents=[common], help="backbone presets, parameter counts and mask blocks per resolution")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("report", parents=[common], help="the results grid as a table (rows: pretraining recipe, columns: datasets)")
+    p.add_argument("--metric", default="top1", choices=["top1", "top5", "mean_class"])
+    p.add_argument("--grid", help="only this grid's results (default: all)")
+    p.add_argument("--out", type=Path, help="folder for the Markdown and CSV copies (default: <home>/reports)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sql", parents=[common], help="query the catalog (read-only)")
     p.add_argument("query")

@@ -2,17 +2,20 @@
 
 ingest and frames run per dataset; the tokenizer is trained once (on the pretraining
 datasets) and registered; tokenize then encodes every dataset with it; pretrain trains the
-VIMPAC model once on the pretraining datasets' tokens and registers the backbone.
+VIMPAC model once on the pretraining datasets' tokens and registers the backbone; evaluate
+fine-tunes that backbone (and the from-scratch baseline) on the labeled datasets and writes
+the results table.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from stages.config import ConfigError, PipelineConfig
+from stages.config import PRETRAINED, ConfigError, GridConfig, GridDataset, GridModel, PipelineConfig
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
+from flows.evaluate import evaluate
 from flows.frames import frames
 from flows.ingest import ingest
 from flows.pretrain import pretrain
@@ -30,6 +33,31 @@ def pretraining_datasets(catalog: Catalog, config: PipelineConfig, chosen: list[
     if unknown:
         raise ConfigError(f"{setting} names datasets the pipeline does not have: {', '.join(unknown)}")
     return picked
+
+
+def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None) -> GridConfig | None:
+    """The pipeline's evaluate settings as a grid: `pretrained` becomes the backbone this run's
+    pretrain stage registered (left out, with a warning, when there is none), the datasets
+    default to the labeled ones."""
+    stage = config.evaluate
+    models = []
+    for m in stage.models:
+        if m.ref == PRETRAINED:
+            if pretrained_ref is None:
+                get_run_logger().warning("evaluate: no pretrained backbone from this pipeline run; only the other models are evaluated")
+                continue
+            m = GridModel(ref=pretrained_ref, name=m.name, preset=m.preset)
+        models.append(m)
+    labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
+    datasets = stage.datasets or [GridDataset(name=d.name) for d in config.datasets if labeled.get(d.name)]
+    unknown = sorted({d.name for d in datasets} - {d.name for d in config.datasets})
+    if unknown:
+        raise ConfigError(f"evaluate.datasets names datasets the pipeline does not have: {', '.join(unknown)}")
+    if not models or not datasets:
+        get_run_logger().warning("evaluate skipped: no labeled datasets" if not datasets else "evaluate skipped: no models")
+        return None
+    return GridConfig(name=config.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
+                      set=stage.set, parallel=stage.parallel, experiment=config.tracking.experiment)
 
 
 @flow(name="pipeline", description="Run the configured stages (in DAG order) over the configured datasets.")
@@ -64,6 +92,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                 run(stage, stage_flow, ds.name, ds, stage_cfg, str(root.home), force)
 
         tokenizer_ref = config.tokenize.tokenizer
+        pretrained_ref: str | None = None
         if "tokenizer" in config.stages and config.datasets:
             train_on = pretraining_datasets(catalog, config, config.tokenizer.datasets, "tokenizer.datasets")
             first = next(d for d in config.datasets if d.name == train_on[0])
@@ -88,7 +117,17 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                 logger.warning(f"pretrain skipped: an earlier stage failed for {', '.join(blocked)}")
             else:
                 first = next(d for d in config.datasets if d.name == pretrain_on[0])
-                run("pretrain", pretrain, "+".join(pretrain_on), first, pretrain_cfg, str(root.home), force, train_on=pretrain_on)
+                trained = run("pretrain", pretrain, "+".join(pretrain_on), first, pretrain_cfg, str(root.home), force,
+                              train_on=pretrain_on)
+                if trained is not None:
+                    pretrained_ref = trained.get("model_uri") or trained.get("checkpoint")
+        if "evaluate" in config.stages and config.datasets:
+            grid = evaluation_grid(catalog, config, pretrained_ref)
+            blocked = [d.name for d in grid.datasets if any(f.startswith(f"{d.name}/") for f in failed)] if grid else []
+            if blocked:
+                logger.warning(f"evaluate skipped: an earlier stage failed for {', '.join(blocked)}")
+            elif grid is not None:
+                run("evaluate", evaluate, grid.name, grid, str(root.home), force)
         ctx.record.summary = {"stages": summaries, "failed": failed}
         if failed:
             raise RuntimeError(f"{len(failed)} stage runs failed: " + "; ".join(failed))

@@ -206,6 +206,149 @@ class PretrainConfig(StrictModel):
     register_as: str = operational("vimpac-backbone", description="MLflow registered model name for the final backbone.")
 
 
+class FinetuneModel(StrictModel):
+    """The classifier on top of the backbone (App. A.2: a zero-initialised linear layer on [CLS])."""
+
+    dropout: float = Field(0.1, ge=0, lt=1, description="Backbone dropout during fine-tuning (Table 4: 0.1).")
+    head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the last FC layer (Table 4: 0.0).")
+    scratch_preset: Literal["micro", "tiny", "small", "base", "large_half"] = Field(
+        "small", description="Backbone preset of the from-scratch baseline (no pretrained checkpoint)."
+    )
+
+
+class FinetuneData(StrictModel):
+    """Fine-tuning input (App. C): a random temporal clip of a random stored view per video and step."""
+
+    frames: int | None = Field(None, ge=1, description="T, frames per clip (default: the pretrained model's; the paper fine-tunes at 10).")
+    size: int | None = Field(None, ge=8, description="Frame size S of the token shards to use (default: the only one there is).")
+    variant: Literal["downstream", "pretrain"] | None = Field(
+        None, description="Token shards of this frames variant (default: downstream if the dataset has it: 12 or 6 fixed views)."
+    )
+    shuffle_buffer: int = Field(256, ge=1, description="Videos held for shuffling per loader worker.")
+    workers: int = operational(0, ge=0, description="Data-loader worker processes per rank.")
+
+
+class FinetuneTrain(StrictModel):
+    """Optimisation (Table 4, downstream columns): AdamW (0.9, 0.999), wd 0.01, warm-up 0.1, linear decay."""
+
+    epochs: float = Field(50, gt=0, description="Passes over the training split (Table 4: SSv2 22, Diving48/UCF101/HMDB51 50, K400 30).")
+    scratch_factor: float | None = Field(
+        None, gt=0, description="Epoch multiplier of the from-scratch baseline (default: 4 for datasets under 50k training "
+        "videos, 1.5 above, as the paper following SlowFast does).",
+    )
+    batch_size: int = Field(128, ge=1, description="Videos per micro-batch per rank (Table 4: 128 in all).")
+    accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default, Table 4: 1e-4 for small/base, 5e-5 for large-half).")
+    warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of all steps if < 1, else a number of steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (none on biases, norms, [CLS]).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    seed: int = Field(0, ge=0, description="Seed for the classifier, clip/view sampling and dropout.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU trains in fp32).")
+    compile: bool = operational(False, description="torch.compile the backbone layers.")
+    device: str = operational("auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU).")
+    log_every: int = operational(10, ge=1, description="Optimizer steps between logged metrics.")
+    checkpoint_every: int = operational(200, ge=1, description="Optimizer steps between resume checkpoints.")
+
+
+class EvalProtocol(StrictModel):
+    """Multi-view testing (Sec. 4.1, App. C): n uniform temporal clips x 3 crops, softmax averaged."""
+
+    clips: int = Field(10, ge=1, description="Uniformly spaced temporal clips per video (paper: 10; 2 in the analyses of Sec. F).")
+    crops: Literal["auto", "three", "center"] = Field(
+        "auto", description="three: top-left, center, bottom-right; center: center only; auto: center for flip-sensitive datasets."
+    )
+    batch_size: int = operational(64, ge=1, description="Clips per forward pass at evaluation.")
+
+
+class FinetuneConfig(StrictModel):
+    """Fine-tune a pretrained backbone (or train from scratch) on a labeled dataset, then evaluate it."""
+
+    model: FinetuneModel = Field(default_factory=FinetuneModel)
+    data: FinetuneData = Field(default_factory=FinetuneData)
+    train: FinetuneTrain = Field(default_factory=FinetuneTrain)
+    eval: EvalProtocol = Field(default_factory=EvalProtocol)
+    tokenizer: str = Field(
+        "", description="Token shards of this tokenizer (token_samples.tokenizer). Empty: the pretrained model's, or for "
+        "scratch the only one the dataset has.",
+    )
+
+
+class GridModel(StrictModel):
+    """One row of the results grid: a pretrained model, or `scratch`."""
+
+    ref: str = Field(..., description="models:/NAME/VERSION|latest (MLflow registry), a pretrain checkpoint path, or `scratch`.")
+    name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl).")
+    preset: str | None = Field(None, description="Fine-tuning preset for this model's cells (overrides the grid's).")
+
+
+class GridDataset(StrictModel):
+    """One column of the results grid: a labeled dataset and the splits to run."""
+
+    name: str = Field(..., description="Dataset name in the catalog (ingested, framed and tokenized).")
+    splits: list[str] = Field(
+        default_factory=lambda: ["auto"], description="Split sets (1, 2, 3 for UCF101/HMDB51), `train:val`-style pairs, "
+        "or auto: split set 1 if the dataset has split sets, else train vs val (or test).",
+    )
+    preset: str | None = Field(None, description="Fine-tuning preset for this dataset (e.g. ucf101; Table 4).")
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _as_text(cls, v: Any) -> Any:
+        return [str(x) for x in v] if isinstance(v, list) else v
+
+
+class GridConfig(StrictModel):
+    """A batch of fine-tuning + evaluation cells: models x datasets x splits x presets."""
+
+    name: str = Field("grid", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$", description="Grid name, recorded with every result.")
+    models: list[GridModel] = Field(..., min_length=1, description="Pretrained models (rows); `scratch` is the baseline.")
+    datasets: list[GridDataset] = Field(..., min_length=1, description="Labeled datasets (columns) and their splits.")
+    presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets: every cell runs once per preset.")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="Settings applied over each cell's preset (FinetuneConfig fields).")
+    set: list[str] = Field(default_factory=list, description="`a.b=value` overrides applied last to every cell's fine-tune config.")
+    parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several; CPU: 1).")
+    experiment: str = operational("vimpac", description="MLflow experiment.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_refs(cls, v: Any) -> Any:
+        return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+
+PRETRAINED = "pretrained"
+
+
+class PipelineEvaluate(StrictModel):
+    """The pipeline's last stage: a results grid over its labeled datasets (flows/evaluate.py)."""
+
+    models: list[GridModel] = Field(
+        default_factory=lambda: [GridModel(ref="scratch"), GridModel(ref=PRETRAINED)],
+        description="Rows of the grid; `pretrained` is the backbone this pipeline's pretrain stage made, `scratch` the baseline.",
+    )
+    datasets: list[GridDataset] | None = Field(None, description="Columns (default: every labeled dataset of the pipeline, split auto).")
+    presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets.")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="Settings applied over each cell's preset.")
+    set: list[str] = Field(default_factory=list, description="`a.b=value` overrides of every cell's fine-tune config.")
+    parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several).")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _plain_refs(cls, v: Any) -> Any:
+        return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _plain_names(cls, v: Any) -> Any:
+        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "ssv2", "diving48", "kinetics", "list", "manifest"]
 LAYOUTS: tuple[str, ...] = Layout.__args__
 
@@ -233,8 +376,8 @@ class TrackingConfig(StrictModel):
     experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
 
 
-Stage = Literal["ingest", "frames", "tokenizer", "tokenize", "pretrain"]
-STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize", "pretrain")
+Stage = Literal["ingest", "frames", "tokenizer", "tokenize", "pretrain", "evaluate"]
+STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize", "pretrain", "evaluate")
 
 
 class PipelineConfig(StrictModel):
@@ -248,6 +391,7 @@ class PipelineConfig(StrictModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("datasets")
@@ -305,6 +449,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "micro": {"model": {"preset": "micro", "cl_hidden": 32, "cl_dim": 16, "dropout": 0.0},
                   "train": {"batch_size": 4, "lr": 1e-3, "warmup": 1, "epochs": 1, "log_every": 1, "checkpoint_every": 1},
                   "data": {"workers": 0}},
+    },
+    # Table 4's downstream columns (T and S come from the pretrained model and the token shards).
+    "finetune": {
+        "default": {},
+        "ssv2": {"train": {"epochs": 22}},
+        "diving48": {"train": {"epochs": 50}},
+        "ucf101": {"train": {"epochs": 50}},
+        "hmdb51": {"train": {"epochs": 50}},
+        "kinetics400": {"train": {"epochs": 30}},
+        # Sec. F analyses: the small model at 5 x 128, 2 temporal clips at test.
+        "analysis": {"data": {"frames": 5}, "eval": {"clips": 2}},
+        # CPU: the demo and tests (tiny backbone, 8x8 tokens).
+        "tiny": {"model": {"scratch_preset": "tiny", "dropout": 0.0},
+                 "train": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "log_every": 5, "checkpoint_every": 50},
+                 "eval": {"clips": 4, "batch_size": 64}},
+        "micro": {"model": {"scratch_preset": "micro", "dropout": 0.0},
+                  "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "checkpoint_every": 1},
+                  "eval": {"clips": 2, "batch_size": 16}},
     },
 }
 

@@ -22,6 +22,10 @@ resumable mid-epoch:
   shard order and the shuffle buffer (reading tars and npy headers) and never decodes tokens,
   samples clips or runs the transform for the skipped batches.
 
+The same loader feeds fine-tuning (stages/finetune): one clip per video, a random one of the
+stored views per sample and step (App. C: the 12 fixed spatial augmentations, 6 for
+flip-sensitive datasets), and only the videos of the training split, each with its label.
+
 Memory: the shuffle buffer holds each sample's whole `tokens.npy` (all its views), so a
 buffer of 256 downstream-variant videos (12 views) weighs 12 times one of pretrain-variant
 videos; the view is cut out only when the batch is made.
@@ -127,21 +131,25 @@ def token_shards(
 
 @dataclass(frozen=True)
 class ClipSampling:
-    """Per-video clip sampling of pretraining (Sec. 3.2; d_max from App. F.2.3, Table 10)."""
+    """Per-video clip sampling: pretraining's two clips of the center view (Sec. 3.2; d_max from
+    App. F.2.3, Table 10), or fine-tuning's one clip of a random stored view (App. C)."""
 
     n_frames: int = 5  # T
     max_distance_s: float | None = None  # d_max: |start2 - start1| <= round(d_max * fps) frames
-    view: str = PRETRAIN_VIEW
+    view: str | None = PRETRAIN_VIEW  # None: a random one of each sample's stored views, per sample and batch
+    clips: int = 2
 
     def __post_init__(self) -> None:
         if self.n_frames < 1:
             raise ValueError(f"ClipSampling.n_frames must be >= 1, got {self.n_frames}")
+        if self.clips not in (1, 2):
+            raise ValueError(f"ClipSampling.clips must be 1 (fine-tuning) or 2 (pretraining), got {self.clips}")
         if self.max_distance_s is not None and not self.max_distance_s >= 0:
             raise ValueError(f"ClipSampling.max_distance_s must be >= 0 or None, got {self.max_distance_s}")
 
 
 def sample_clip_starts(n_frames: np.ndarray, fps: np.ndarray, sampling: ClipSampling, rng: np.random.Generator) -> np.ndarray:
-    """Start frames (B, 2) of the two clips of B videos with `n_frames` frames each (Sec. 3.2).
+    """Start frames (B, clips) of the clips of B videos with `n_frames` frames each (Sec. 3.2).
 
     Both starts are uniform and independent over [0, n - T]; with d_max the second is uniform
     over the starts within round(d_max * fps) frames of the first (Table 10). A video shorter
@@ -149,6 +157,8 @@ def sample_clip_starts(n_frames: np.ndarray, fps: np.ndarray, sampling: ClipSamp
     """
     last = np.maximum(np.asarray(n_frames, np.int64) - sampling.n_frames, 0)
     first = rng.integers(0, last, endpoint=True)
+    if sampling.clips == 1:
+        return first[:, None]
     if sampling.max_distance_s is None:
         second = rng.integers(0, last, endpoint=True)
     else:
@@ -183,9 +193,11 @@ class _Record:
 
     key: str  # "dataset/key"
     npy: bytes
-    view_index: int
+    view_index: int | None  # None: drawn per batch among n_views
+    n_views: int
     n_frames: int
     fps: float
+    label: int = -1
 
 
 def _describe(exn: BaseException) -> str:
@@ -196,7 +208,7 @@ def _describe(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {first.split(' @ ')[0]}"
 
 
-def _check(sample: dict, shard: TokenShard, path: str, view: str) -> tuple[_Record | None, str | None]:
+def _check(sample: dict, shard: TokenShard, path: str, view: str | None) -> tuple[_Record | None, str | None]:
     """Validate a sample from its json and npy header only (no token decoding), so a resumed
     epoch rejects exactly the samples the full epoch rejected while skipping their decoding."""
     where = f"token shard {path}: sample {sample.get('__key__')}"
@@ -208,7 +220,7 @@ def _check(sample: dict, shard: TokenShard, path: str, view: str) -> tuple[_Reco
     except ValueError as e:
         return None, f"{where}: unreadable json ({e})"
     views = meta.get("views") if isinstance(meta, dict) else None
-    if not isinstance(views, list) or view not in views:
+    if not isinstance(views, list) or not views or (view is not None and view not in views):
         return None, f"{where}: no view {view!r} (views: {views})"
     raw = sample["tokens.npy"]
     header = io.BytesIO(raw)
@@ -236,7 +248,8 @@ def _check(sample: dict, shard: TokenShard, path: str, view: str) -> tuple[_Reco
         fps = float(meta.get("fps", shard.fps))
     except (TypeError, ValueError):
         return None, f"{where}: bad fps {meta.get('fps')!r}"
-    return _Record(f"{shard.dataset}/{sample['__key__']}", raw, views.index(view), int(shape[1]), fps), None
+    index = views.index(view) if view is not None else None
+    return _Record(f"{shard.dataset}/{sample['__key__']}", raw, index, len(views), int(shape[1]), fps), None
 
 
 class ClipLoader:
@@ -259,6 +272,7 @@ class ClipLoader:
         shuffle_buffer: int = 256,
         transform: Transform | None = None,
         pin_memory: bool = False,
+        labels: dict[str, int] | None = None,
     ):
         if not shards:
             raise ValueError("ClipLoader: no token shards")
@@ -285,6 +299,8 @@ class ClipLoader:
         self.shuffle_buffer = shuffle_buffer
         self.transform = transform
         self.pin_memory = pin_memory
+        # Fine-tuning: "dataset/key" -> class index; samples not in it (other splits) are skipped.
+        self.labels = labels
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         """Batches skip_batches .. batches_per_epoch - 1 of `epoch`, identical to the same
@@ -408,15 +424,20 @@ class _Slot:
             self.errors.extend(problems)
             problems.clear()
 
+        labels = self.loader.labels
         seen = good = 0
         for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": path}])):
             flush()
             seen += 1
+            if labels is not None and f"{shard.dataset}/{sample.get('__key__')}" not in labels:
+                continue  # another split's video: not an error
             record, error = _check(sample, shard, path, view)
             if error is not None:
                 reported.append(error)
                 self.errors.append(error)
                 continue
+            if labels is not None:
+                record.label = labels[record.key]
             good += 1
             yield record
         flush()
@@ -436,7 +457,8 @@ class _Slot:
         rng = _rng(self.loader.seed, self.epoch, self.n_slots, self.index, _SHUFFLE)
         # A buffer larger than the corpus would only hold repeats, and filling it is paid
         # at the start of every epoch.
-        size = min(self.loader.shuffle_buffer, max(1, sum(s.n_samples for s in self.loader.shards)))
+        corpus = len(self.loader.labels) if self.loader.labels is not None else sum(s.n_samples for s in self.loader.shards)
+        size = min(self.loader.shuffle_buffer, max(1, corpus))
         buffer: list[_Record] = []
         for record in records:
             buffer.append(record)
@@ -460,22 +482,30 @@ class _Slot:
 
     def _assemble(self, b: int, records: list[_Record], errors: list[str]) -> dict:
         loader = self.loader
-        t = loader.sampling.n_frames
+        t, clips = loader.sampling.n_frames, loader.sampling.clips
         h, w = loader.grid
         n = np.array([r.n_frames for r in records], np.int64)
         fps = np.array([r.fps for r in records], np.float64)
-        starts = sample_clip_starts(n, fps, loader.sampling, _rng(loader.seed, self.epoch, loader.rank, b, _CLIPS))
+        rng = _rng(loader.seed, self.epoch, loader.rank, b, _CLIPS)
+        starts = sample_clip_starts(n, fps, loader.sampling, rng)
+        # Fine-tuning's random spatial augmentation: one of the stored views per sample (drawn
+        # after the starts, so pretraining's streams are unchanged).
+        views = [r.view_index if r.view_index is not None else int(rng.integers(r.n_views)) for r in records]
         valid = np.minimum(n, t)
-        tokens = np.full((len(records), 2, t, h, w), loader.pad_id, np.int64)
+        tokens = np.full((len(records), clips, t, h, w), loader.pad_id, np.int64)
         for i, record in enumerate(records):
-            frames = np.load(io.BytesIO(record.npy), allow_pickle=False)[record.view_index]  # (n, h, w)
+            frames = np.load(io.BytesIO(record.npy), allow_pickle=False)[views[i]]  # (n, h, w)
             m = valid[i]
-            tokens[i, 0, :m] = frames[starts[i, 0] : starts[i, 0] + m]
-            tokens[i, 1, :m] = frames[starts[i, 1] : starts[i, 1] + m]
-        return {
+            for c in range(clips):
+                tokens[i, c, :m] = frames[starts[i, c] : starts[i, c] + m]
+        batch = {
             "tokens": torch.from_numpy(tokens),
-            "n_valid": torch.from_numpy(np.repeat(valid[:, None], 2, axis=1)),
+            "n_valid": torch.from_numpy(np.repeat(valid[:, None], clips, axis=1)),
             "video_index": torch.tensor([video_index(r.key) for r in records], dtype=torch.int64),
             "keys": [r.key for r in records],
             "errors": errors,
         }
+        if loader.labels is not None:
+            batch["labels"] = torch.tensor([r.label for r in records], dtype=torch.int64)
+            batch["views"] = torch.tensor(views, dtype=torch.int64)
+        return batch

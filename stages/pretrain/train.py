@@ -128,7 +128,7 @@ class StepStats:
     target_counts: torch.Tensor | None = None
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -145,7 +145,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     k = len(micro_batches)
     ddp = isinstance(model, DistributedDataParallel)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    batches = [_to_device(b, device) for b in micro_batches]
+    batches = [to_device(b, device) for b in micro_batches]
     predicted = torch.tensor([float(sum(int(b["predict"].sum()) for b in batches))], device=device)
     mask_norm = D.all_reduce_sum(predicted).clamp_min(1.0) / world
     stats = StepStats(0.0, 0.0, sum(int(b["tokens"].shape[0]) for b in batches))
@@ -312,7 +312,7 @@ def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
 
 
 @contextmanager
-def _stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
+def stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
     """The first Ctrl-C asks to stop after the current optimizer step (the loop then saves the
     position and raises KeyboardInterrupt); a second one interrupts at once. Saving in the middle
     of a step would pair updated weights with the old step and data position. Only in one process
@@ -495,7 +495,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     reporter.start_progress(total_steps, f"pretrain {name}")
     if step:
         reporter.advance(step)
-    with flush_denormals(device), _stop_at_step_boundary(world == 1) as interrupt:
+    with flush_denormals(device), stop_at_step_boundary(world == 1) as interrupt:
         batches = micro_batches()
         while step < stop_at:
             t_wait = time.perf_counter()
@@ -564,7 +564,7 @@ def evaluate(model: torch.nn.Module, loader: ClipLoader, device: torch.device, a
     most_frequent = int(train_counts.argmax()) if int(train_counts.sum()) else -1
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct, predicted, baseline hits, cl_acc, batches
     for batch in loader.epoch(0):
-        b = _to_device(batch, device)
+        b = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"])
         if "mask_correct" in out:

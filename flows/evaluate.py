@@ -1,0 +1,138 @@
+"""The `evaluate` flow: a grid of fine-tuning + multi-view evaluation cells (models x datasets x
+splits x presets), each a Prefect task with its own nested MLflow run, written to the catalog's
+`results` and `predictions` views.
+
+Cells run one after another (one GPU, or CPU), or `parallel` at a time over the visible GPUs.
+A cell whose evaluation is already in the catalog is reported as cached and does no work; one
+failed cell is logged and listed and does not stop the others; the flow fails at the end if
+any cell failed, after everything else was committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from stages.config import ConfigError, FinetuneConfig, GridConfig, GridModel, build, deep_merge, preset
+from stages.finetune.train import SCRATCH, ModelSource, finetune_cell
+from warehouse.catalog import Catalog
+from warehouse.layout import DataRoot
+from warehouse.runs import mark_crashed_runs
+
+from flows.registry import download_version
+from flows.tracking import tracked_run
+
+
+@dataclass
+class Cell:
+    model: GridModel
+    dataset: str
+    split: str
+    preset: str
+    config: FinetuneConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.name or self.model.ref} | {self.dataset} | split {self.split} | {self.preset}"
+
+
+def expand_grid(grid: GridConfig) -> list[Cell]:
+    """Every cell with its validated fine-tune config; a bad preset or override fails the whole
+    grid up front (a typo should not cost the cells before it)."""
+    cells = []
+    for model in grid.models:
+        for ds in grid.datasets:
+            presets = [ds.preset] if ds.preset else [model.preset] if model.preset else grid.presets
+            for name in presets:
+                cfg = build(FinetuneConfig, deep_merge(preset("finetune", name), grid.finetune), grid.set)
+                for split in ds.splits:
+                    cells.append(Cell(model, ds.name, split, name, cfg))
+    return cells
+
+
+def resolve_model(model: GridModel) -> ModelSource:
+    """scratch, a registry URI (downloaded into MLflow's local cache) or a checkpoint path."""
+    if model.ref == SCRATCH:
+        return ModelSource(SCRATCH, None, model.name)
+    if model.ref.startswith("models:/"):
+        import mlflow
+
+        try:
+            local, uri = download_version(model.ref)
+        except (LookupError, mlflow.exceptions.MlflowException) as e:
+            raise ConfigError(f"cannot load model {model.ref}: {getattr(e, 'message', e)}") from None
+        return ModelSource(uri, local, model.name)
+    path = Path(model.ref).expanduser()
+    if not path.exists():
+        raise ConfigError(f"model {model.ref}: no such checkpoint file or folder")
+    return ModelSource(str(path.resolve()), path, model.name)
+
+
+# The stage keys and caches cells itself (by eval id, in the catalog), so Prefect's own result
+# caching stays off: it would hide a cell whose results were deleted.
+@task(name="finetune-cell", task_run_name="{cell.dataset}-{cell.split}-{cell.preset}", cache_policy=NO_CACHE)
+def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool) -> dict:
+    logger = get_run_logger()
+    root = DataRoot(home)
+    config = {"model": cell.model.model_dump(), "dataset": cell.dataset, "split": cell.split, "preset": cell.preset,
+              "grid": grid_name, "finetune": cell.config.model_dump(), "force": force}
+    name = f"finetune-{cell.model.name or Path(cell.model.ref).name}-{cell.dataset}-{cell.split}"
+    with tracked_run(root, "finetune", config, logger=logger, run_name=name, dataset=cell.dataset, experiment=experiment) as ctx:
+        source = resolve_model(cell.model)
+        result = finetune_cell(root, source, cell.dataset, cell.split, cell.config, preset=cell.preset, grid=grid_name,
+                               reporter=ctx.reporter, force=force, run_id=ctx.record.run_id)
+        ctx.set_run_name(f"finetune-{result.pretrain_recipe}-{cell.dataset}-s{result.split}-{result.finetune_recipe}")
+        summary = result.summary()
+        ctx.record.summary = summary
+        if result.checkpoint is not None and result.checkpoint.name == "last.pt":
+            raise RuntimeError(f"{cell.label}: training stopped early at step {result.steps}; run the grid again to continue")
+        return summary
+
+
+@flow(name="evaluate", description="Fine-tune every (model, dataset, split, preset) cell of a grid and evaluate it with multi-view "
+      "testing; results go to the catalog's results/predictions views. Finished cells are skipped.")
+def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> dict:
+    logger = get_run_logger()
+    root = DataRoot(home).ensure()
+    Catalog(root).refresh()
+    for run_id in mark_crashed_runs(root):
+        logger.warning(f"run {run_id} was interrupted earlier; its finished cells are kept, the rest is redone")
+    cells = expand_grid(grid)
+    outcomes: dict[str, dict] = {}
+    failed: list[str] = []
+    with tracked_run(root, "evaluate", grid.model_dump() | {"force": force}, logger=logger, run_name=f"evaluate-{grid.name}",
+                     experiment=grid.experiment) as ctx:
+        logger.info(f"grid {grid.name}: {len(cells)} cells ({len(grid.models)} models x {len(grid.datasets)} datasets)")
+        args = (str(root.home), grid.name, grid.experiment, force)
+        if grid.parallel > 1:
+            futures = [run_cell.with_options(task_run_name=f"{c.dataset}-{c.split}-{c.preset}").submit(
+                _on_device(c, i, grid.parallel), *args) for i, c in enumerate(cells)]
+            states = [f.wait() or f.state for f in futures]
+        else:
+            states = [run_cell(c, *args, return_state=True) for c in cells]
+        for cell, state in zip(cells, states):
+            if state.is_completed():
+                outcomes[cell.label] = state.result()
+            else:
+                failed.append(f"{cell.label}: {state.message}")
+                logger.error(f"cell {cell.label} failed: {state.message}")
+        cached = sum(1 for o in outcomes.values() if o.get("cached"))
+        ctx.record.summary = {"cells": len(cells), "done": len(outcomes), "cached": cached, "failed": failed}
+        logger.info(f"grid {grid.name}: {len(outcomes)} cells done ({cached} cached), {len(failed)} failed")
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(cells)} grid cells failed: " + "; ".join(failed))
+    return {"cells": outcomes, "failed": failed}
+
+
+def _on_device(cell: Cell, index: int, parallel: int) -> Cell:
+    """With several GPUs, cell i trains on GPU i mod parallel (unless its config names a device)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if cell.config.train.device != "auto" or n < 2:
+        return cell
+    train = cell.config.train.model_copy(update={"device": f"cuda:{index % min(n, parallel)}"})
+    return Cell(cell.model, cell.dataset, cell.split, cell.preset, cell.config.model_copy(update={"train": train}))

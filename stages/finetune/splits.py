@@ -1,0 +1,176 @@
+"""Which videos a fine-tuning cell trains on and evaluates on, with their class indices.
+
+A split is named the way the paper reports it: a split set (`1`, `2`, `3`: UCF101 and HMDB51
+have three official train/test splits, App. C; the catalog stores them in `videos.splits`), a
+`train:val` pair of split names (SSv2, Diving48, Kinetics, manifests), or `auto` (split set 1
+when the dataset has split sets, else train vs val, else train vs test).
+
+Class indices are positions in the dataset's class list (`datasets.classes`: classInd.txt
+order for UCF101, labels.json ids for SSv2, ...), so a model's output k means the same class
+in every split and every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stages.config import ConfigError
+from stages.pretrain.data import TokenShard, token_shards
+from warehouse.catalog import Catalog
+from warehouse.layout import DataRoot
+
+_LISTED = 10
+
+
+@dataclass(frozen=True)
+class EvalVideo:
+    key: str  # "dataset/key", as the token shards name the sample
+    video_id: str
+    label: str
+    label_index: int
+    shard: str
+
+
+@dataclass
+class SplitSelection:
+    dataset: str
+    split: str  # as resolved: "1", "train:val"
+    train_split: str  # human-readable, e.g. "train of split set 1"
+    eval_split: str
+    classes: list[str]
+    flip_sensitive: bool
+    tokenizer: str
+    train: dict[str, int]  # "dataset/key" -> class index
+    eval: list[EvalVideo]
+    train_shards: list[TokenShard]
+    eval_shards: list[TokenShard]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shards(self) -> list[TokenShard]:
+        return list({s.path: s for s in self.train_shards + self.eval_shards}.values())
+
+
+def _names(items: list[str]) -> str:
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+def dataset_tokenizers(root: DataRoot, dataset: str) -> list[str]:
+    return [t for (t,) in Catalog(root).rows(
+        "SELECT DISTINCT tokenizer FROM token_samples WHERE dataset = ? AND status = 'ok' ORDER BY 1", [dataset])]
+
+
+def _resolve_split(dataset: str, split: str, rows: list[tuple]) -> tuple[str, str, str, int | None]:
+    """-> (resolved split, train name, eval name, split-set index or None)."""
+    n_sets = max((len(r[4] or []) for r in rows), default=0)
+    names = {r[3] for r in rows if r[3]}
+    if split == "auto":
+        if n_sets:
+            split = "1"
+        elif "train" in names and ("val" in names or "test" in names):
+            split = "train:val" if "val" in names else "train:test"
+        else:
+            raise ConfigError(
+                f"dataset {dataset} has no split information (no split sets, split names {sorted(names) or 'none'}): "
+                "give it a layout with split files or a manifest with a split column, or name the split as TRAIN:EVAL")
+    if split.isdigit():
+        k = int(split)
+        if not 1 <= k <= n_sets:
+            raise ConfigError(f"dataset {dataset} has {n_sets} split sets; split {split} does not exist")
+        return split, "train", "test", k - 1
+    train, sep, held_out = split.partition(":")
+    if not sep or not train or not held_out:
+        raise ConfigError(f"split {split!r} of {dataset} is neither a split-set number nor TRAIN:EVAL split names")
+    missing = [n for n in (train, held_out) if n not in names]
+    if missing:
+        raise ConfigError(f"dataset {dataset} has no videos in split(s) {', '.join(missing)} (splits: {', '.join(sorted(names)) or 'none'})")
+    return split, train, held_out, None
+
+
+def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, size: int | None = None,
+                 variant: str | None = None) -> SplitSelection:
+    """The training and evaluation videos of `split` that have committed tokens of `tokenizer`."""
+    catalog = Catalog(root)
+    info = catalog.rows("SELECT classes, flip_sensitive FROM datasets WHERE dataset = ?", [dataset])
+    if not info:
+        raise ConfigError(f"dataset {dataset} is not in the catalog (ingest it first)")
+    classes, flip_sensitive = list(info[0][0] or []), bool(info[0][1])
+    if len(classes) < 2:
+        raise ConfigError(f"dataset {dataset} has {len(classes)} classes; fine-tuning needs a labeled dataset with at least 2")
+    if variant is None:
+        variants = {v for (v,) in catalog.rows(
+            "SELECT DISTINCT variant FROM token_samples WHERE dataset = ? AND tokenizer = ? AND status = 'ok'", [dataset, tokenizer])}
+        variant = "downstream" if "downstream" in variants else None
+    try:
+        shards = token_shards(root, [dataset], tokenizer, size, variant=variant)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    sql = """SELECT t.key, t.video_id, t.shard, v.split, v.splits, v.label, v.status
+             FROM token_samples t JOIN videos v ON v.dataset = t.dataset AND v.video_id = t.video_id
+             WHERE t.dataset = ? AND t.status = 'ok' AND t.shard IN (SELECT unnest(?::VARCHAR[]))
+             ORDER BY t.video_id"""
+    rows = [(f"{dataset}/{k}", vid, shard, sp, sps, label, status)
+            for k, vid, shard, sp, sps, label, status in catalog.rows(sql, [dataset, [s.path for s in shards]])]
+    if not rows:
+        raise ConfigError(f"dataset {dataset} has no tokenized videos of {tokenizer}")
+    resolved, train_name, eval_name, set_index = _resolve_split(dataset, split, rows)
+
+    def side(split_name: str | None, split_sets: list[str] | None) -> str | None:
+        if set_index is not None:
+            sets = split_sets or []
+            return sets[set_index] if set_index < len(sets) else None
+        return split_name
+
+    index = {c: i for i, c in enumerate(classes)}
+    warnings: list[str] = []
+    unlabeled, unknown = [], []
+    train: dict[str, int] = {}
+    evaluation: list[EvalVideo] = []
+    for key, vid, shard, split_name, split_sets, label, status in rows:
+        which = side(split_name, split_sets)
+        if which not in (train_name, eval_name) or status != "ok":
+            continue
+        if label is None:
+            unlabeled.append(vid)
+            continue
+        if label not in index:
+            unknown.append(f"{vid} ({label})")
+            continue
+        if which == train_name:
+            train[key] = index[label]
+        else:
+            evaluation.append(EvalVideo(key, vid, label, index[label], shard))
+    if unlabeled:
+        warnings.append(f"{dataset}: {len(unlabeled)} videos of split {resolved} have no label and are left out: {_names(unlabeled)}")
+    if unknown:
+        warnings.append(f"{dataset}: {len(unknown)} videos have labels outside the class list and are left out: {_names(unknown)}")
+    where = f"split {resolved}" if set_index is None else f"split set {resolved}"
+    if not train:
+        raise ConfigError(f"dataset {dataset} has no tokenized training videos in {where} ({train_name})")
+    if not evaluation:
+        raise ConfigError(f"dataset {dataset} has no tokenized evaluation videos in {where} ({eval_name})")
+    trained = set(train.values())
+    untrained = sorted({v.label for v in evaluation if v.label_index not in trained}, key=index.get)
+    if untrained:
+        raise ConfigError(f"dataset {dataset}, {where}: {len(untrained)} classes have evaluation videos but no training "
+                          f"videos, so no model can learn them: {_names(untrained)}")
+    absent = [c for i, c in enumerate(classes) if i not in trained]
+    if absent:
+        warnings.append(f"{dataset}, {where}: {len(absent)} classes of the class list have no training videos: {_names(absent)}")
+    missing = catalog.rows(
+        f"""SELECT count(*) FROM videos v WHERE v.dataset = ? AND v.status = 'ok' AND {'v.splits[?]' if set_index is not None else 'v.split'} = ?
+            AND NOT EXISTS (SELECT 1 FROM token_samples t WHERE t.dataset = v.dataset AND t.video_id = v.video_id
+                            AND t.status = 'ok' AND t.shard IN (SELECT unnest(?::VARCHAR[])))""",
+        [dataset, *([set_index + 1] if set_index is not None else []), eval_name, [s.path for s in shards]],
+    )[0][0]
+    if missing:
+        warnings.append(f"{dataset}: {missing} ingested {eval_name} videos of {where} have no tokens (failed frames or "
+                        "tokenize) and are not evaluated")
+    train_paths = {r[2] for r in rows if r[0] in train}
+    eval_paths = {v.shard for v in evaluation}
+    suffix = f" of split set {resolved}" if set_index is not None else ""
+    return SplitSelection(
+        dataset, resolved, f"{train_name}{suffix}", f"{eval_name}{suffix}", classes, flip_sensitive, tokenizer, train, evaluation,
+        [s for s in shards if s.path in train_paths], [s for s in shards if s.path in eval_paths], warnings,
+    )

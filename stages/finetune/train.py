@@ -1,0 +1,485 @@
+"""One cell of the results grid: fine-tune a pretrained backbone (or train from scratch) on one
+split of a labeled dataset, then evaluate it with multi-view testing and write the catalog's
+`predictions` and `results` rows.
+
+Fine-tuning follows App. A.2 / C and Table 4: a zero-initialised linear layer on [CLS]; AdamW
+(0.9, 0.999), weight decay 0.01 (none on biases, norms, [CLS]), warm-up 0.1 then linear decay,
+gradient clipping 1.0, backbone dropout 0.1; per step a random one of the stored views (12, or 6
+for flip-sensitive datasets) and a random temporal clip of each training video; positional tables
+interpolated when T or S differ from pretraining. The from-scratch baseline trains 4x as long
+on small datasets and 1.5x on large ones, as the paper does.
+
+Checkpoints, resume and DDP behave as in pretraining (stages/pretrain/train.py): `last.pt`
+every `checkpoint_every` steps with the loader position and RNG states, Ctrl-C stops at a step
+boundary, and a finished cell (its results rows exist) is not computed again unless forced.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from models.backbone import PRESETS as BACKBONES
+from models.backbone import BackboneConfig, load_state_resized
+from models.classifier import ClassifierConfig, VideoClassifier
+from models.pretrain import PretrainModelConfig
+from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
+from stages.config import ConfigError, FinetuneConfig, config_hash
+from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
+from stages.finetune.evaluate import EvalScores, score_videos
+from stages.finetune.splits import SplitSelection, dataset_tokenizers, select_split
+from stages.pretrain import distributed as D
+from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard
+from stages.pretrain.train import FORMAT as PRETRAIN_FORMAT
+from stages.pretrain.train import lr_factor, param_groups, stop_at_step_boundary, to_device
+from stages.reporting import Reporter
+from warehouse.catalog import Catalog
+from warehouse.layout import DataRoot
+from warehouse.tables import now, write_rows
+
+CODE_VERSION = "finetune-1"
+EVAL_VERSION = "eval-1"
+FORMAT = "vimpac-finetune"
+SCRATCH = "scratch"
+# The paper (following SlowFast) trains non-pretrained models 4x as long on small datasets
+# (UCF101, HMDB51, Diving48) and 1.5x on large ones (SSv2, Kinetics: 169k and 240k videos).
+LARGE_DATASET = 50_000
+
+
+@dataclass
+class ModelSource:
+    """What a grid row names: a pretrain checkpoint on local disk, or the scratch baseline."""
+
+    ref: str  # as the user wrote it: scratch, models:/NAME/VERSION, a path
+    checkpoint: Path | None = None  # local pretrain checkpoint; None for scratch
+    name: str | None = None  # label in reports (default: the pretrain recipe)
+
+    @property
+    def scratch(self) -> bool:
+        return self.checkpoint is None
+
+
+@dataclass
+class CellResult:
+    eval_id: str
+    run_key: str
+    dataset: str
+    split: str
+    pretrain_recipe: str
+    pretrain_run: str
+    finetune_recipe: str
+    tokenizer: str
+    protocol: str
+    metrics: dict[str, float]
+    cached: bool
+    checkpoint: Path | None = None
+    steps: int = 0
+    n_train: int = 0
+    n_eval: int = 0
+    warnings: list[str] = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"eval_id": self.eval_id, "run_key": self.run_key, "dataset": self.dataset, "split": self.split,
+                "pretrain_recipe": self.pretrain_recipe, "pretrain_run": self.pretrain_run,
+                "finetune_recipe": self.finetune_recipe, "tokenizer": self.tokenizer, "protocol": self.protocol,
+                "cached": self.cached, "checkpoint": str(self.checkpoint) if self.checkpoint else None, "steps": self.steps,
+                "n_train": self.n_train, "n_eval": self.n_eval, **self.metrics}
+
+
+@dataclass
+class _Pretrained:
+    backbone: BackboneConfig
+    state: dict  # backbone weights
+    identity: str  # pretrain run key, or the file's sha256 for a checkpoint made elsewhere
+    recipe: str
+    tokenizer: str | None
+    preset: str | None
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """A registry download is a folder holding the checkpoint; a run folder holds final.pt."""
+    if path.is_dir():
+        for candidate in (path / "final.pt", *sorted(path.glob("*.pt"))):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"no checkpoint (.pt) in {path}")
+    return path
+
+
+def load_pretrained_backbone(source: ModelSource) -> _Pretrained:
+    path = _checkpoint_file(Path(source.checkpoint))
+    try:
+        ckpt = read_checkpoint(path, PRETRAIN_FORMAT, "pretrain")
+        mcfg = PretrainModelConfig.from_dict(dict(ckpt["model_config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"model {source.ref}: {e}") from None
+    if ckpt.get("kind") != "final":
+        raise ConfigError(f"model {source.ref}: {path} is an unfinished pretraining run's resume checkpoint; finish it first")
+    meta = dict(ckpt.get("metadata") or {})
+    state = {k[len("backbone."):]: v for k, v in strip_prefixes(ckpt["model"]).items() if k.startswith("backbone.")}
+    identity = meta.get("run_key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    preset = ((meta.get("config") or {}).get("model") or {}).get("preset")
+    return _Pretrained(mcfg.backbone, state, identity, source.name or meta.get("run_name") or path.stem, meta.get("tokenizer"), preset)
+
+
+def _tokenizer(root: DataRoot, dataset: str, cfg: FinetuneConfig, pretrained: _Pretrained | None, ref: str) -> str:
+    available = dataset_tokenizers(root, dataset)
+    if not available:
+        raise ConfigError(f"dataset {dataset} has no token shards (run the tokenize stage on it first)")
+    wanted = cfg.tokenizer or (pretrained.tokenizer if pretrained else None)
+    if wanted:
+        if wanted not in available:
+            whose = f"model {ref} was pretrained on tokens of {wanted}" if pretrained and not cfg.tokenizer else f"tokenizer {wanted} was asked for"
+            raise ConfigError(f"{whose}, but dataset {dataset} has tokens only of {', '.join(available)}: "
+                              f"tokenize {dataset} with {wanted} (a backbone's vocabulary is its tokenizer's codebook)")
+        return wanted
+    if len(available) > 1:
+        raise ConfigError(f"dataset {dataset} has tokens of several tokenizers ({', '.join(available)}): set finetune tokenizer")
+    return available[0]
+
+
+def _model_config(cfg: FinetuneConfig, selection: SplitSelection, pretrained: _Pretrained | None, ref: str) -> ClassifierConfig:
+    shard = selection.train_shards[0]
+    n_codes, (gh, gw) = shard.codebook_size, shard.grid
+    if gh != gw:
+        raise ConfigError(f"token grids must be square for the factorized positional tables, got {gh}x{gw}")
+    if pretrained is not None:
+        if pretrained.backbone.n_codes != n_codes:
+            raise ConfigError(f"model {ref} has a vocabulary of {pretrained.backbone.n_codes} codes but the tokens of "
+                              f"{selection.dataset} ({selection.tokenizer}) have {n_codes}: they come from different tokenizers")
+        backbone = copy.deepcopy(pretrained.backbone)
+    else:
+        backbone = BACKBONES[cfg.model.scratch_preset]()
+        backbone.n_codes = n_codes
+    backbone.frames = cfg.data.frames or backbone.frames
+    backbone.grid, backbone.dropout = gh, cfg.model.dropout
+    try:
+        backbone.__post_init__()
+        return ClassifierConfig(backbone, n_classes=len(selection.classes), head_dropout=cfg.model.head_dropout)
+    except ValueError as e:
+        raise ConfigError(f"fine-tune model: {e}") from None
+
+
+def protocol_for(cfg: FinetuneConfig, flip_sensitive: bool) -> Protocol:
+    if cfg.eval.crops == "auto":
+        return Protocol.paper(cfg.eval.clips, flip_sensitive)
+    return Protocol(cfg.eval.clips, CROPS3 if cfg.eval.crops == "three" else CENTER)
+
+
+def _fingerprint(shards: list[TokenShard]) -> str:
+    return hashlib.sha256("\n".join(sorted(s.path for s in shards)).encode()).hexdigest()
+
+
+def _frame_size(root: DataRoot, shards: list[TokenShard]) -> int:
+    rows = Catalog(root).rows("SELECT DISTINCT size FROM token_samples WHERE shard IN (SELECT unnest(?::VARCHAR[]))",
+                              [[s.path for s in shards]])
+    return int(rows[0][0]) if rows else shards[0].grid[0] * 8
+
+
+def existing_results(root: DataRoot, eval_id: str) -> dict[str, float]:
+    return {m: v for m, v in Catalog(root).rows("SELECT metric, value FROM results WHERE eval_id = ?", [eval_id])}
+
+
+def finetune_cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: FinetuneConfig, *, preset: str = "default",
+                  grid: str = "", reporter: Reporter | None = None, force: bool = False, run_id: str | None = None,
+                  max_steps: int | None = None) -> CellResult:
+    """Fine-tune and evaluate one (model, dataset, split, preset) cell, or find it done."""
+    reporter = reporter or Reporter()
+    info = D.setup(cfg.train.device)
+    try:
+        result = _cell(root, source, dataset, split, cfg, preset, grid, reporter, force, run_id, max_steps, info)
+    except BaseException:
+        D.teardown(info, clean=False)
+        raise
+    D.teardown(info)
+    return result
+
+
+def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: FinetuneConfig, preset: str, grid: str,
+          reporter: Reporter, force: bool, run_id: str | None, max_steps: int | None, info: D.DistInfo) -> CellResult:
+    pretrained = None if source.scratch else load_pretrained_backbone(source)
+    tokenizer = _tokenizer(root, dataset, cfg, pretrained, source.ref)
+    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+    for warning in selection.warnings:
+        reporter.warning(warning)
+    ccfg = _model_config(cfg, selection, pretrained, source.ref)
+    frames, size = ccfg.backbone.frames, _frame_size(root, selection.shards)
+    protocol = protocol_for(cfg, selection.flip_sensitive)
+    pretrain_identity = pretrained.identity if pretrained else f"{SCRATCH}:{cfg.model.scratch_preset}"
+    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), pretrain_identity, dataset, selection.split, _fingerprint(selection.shards),
+                           tokenizer, info.world_size, selection.classes], separators=(",", ":"))
+    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    eval_id = hashlib.sha256(json.dumps([run_key, protocol.name, EVAL_VERSION]).encode()).hexdigest()[:16]
+    recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
+    ft_recipe = f"{preset}-{frames}x{size}" + (f"-{cfg.model.scratch_preset}" if pretrained is None else "")
+    result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, protocol.name,
+                        {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings))
+    where = f"{recipe} on {dataset} split {selection.split} ({ft_recipe})"
+
+    if not force and (done := existing_results(root, eval_id)):
+        reporter.info(f"{where}: already evaluated (eval {eval_id}): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(done.items())))
+        result.metrics, result.cached = done, True
+        return result
+
+    run_dir = root.home / "checkpoints" / "finetune" / run_key
+    final, last = run_dir / "final.pt", run_dir / "last.pt"
+    if force and info.is_main:
+        final.unlink(missing_ok=True)
+        last.unlink(missing_ok=True)
+    D.barrier()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in run_dir.glob(".*.partial"):
+            partial.unlink(missing_ok=True)
+
+    if final.exists():
+        ckpt = read_checkpoint(final, FORMAT, "fine-tune")
+        model = VideoClassifier(ClassifierConfig.from_dict(dict(ckpt["model_config"])))
+        model.load_state_dict(strip_prefixes(ckpt["model"]))
+        result.steps = int(ckpt["metadata"]["steps"])
+        reporter.info(f"{where}: fine-tuned model found ({final}); evaluating")
+    else:
+        model, result.steps, finished = _train(root, selection, ccfg, cfg, pretrained, reporter, info, run_key, where, last, max_steps)
+        if not finished:
+            result.checkpoint = last
+            return result
+        metadata = {"run_key": run_key, "steps": result.steps, "dataset": dataset, "split": selection.split, "classes": selection.classes,
+                    "tokenizer": tokenizer, "pretrain": pretrain_identity, "pretrain_ref": source.ref, "recipe": recipe,
+                    "finetune_recipe": ft_recipe, "shards": [s.path for s in selection.shards], "config": cfg.model_dump(mode="json")}
+        if info.is_main:
+            atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
+                         "model_config": ccfg.to_dict(), "metadata": metadata}, final)
+            last.unlink(missing_ok=True)
+        D.barrier()
+    result.checkpoint = final
+
+    amp = cfg.train.amp and info.device.type == "cuda"
+    model.to(info.device)
+    scores = score_videos(model, root, selection, protocol, clip_len=frames, pad_id=ccfg.backbone.pad_id, device=info.device, amp=amp,
+                          batch_size=cfg.eval.batch_size, rank=info.rank, world=info.world_size)
+    for error in scores.errors:
+        reporter.warning(f"evaluation: {error}")
+    if not scores.videos:
+        raise ValueError(f"{where}: none of the {len(selection.eval)} evaluation videos could be scored: {'; '.join(scores.errors[:3])}")
+    if info.is_main:
+        result.metrics = _write_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter)
+        result.n_eval = len(scores.videos)
+        reporter.metrics({f"eval_{k}": v for k, v in result.metrics.items()}, step=result.steps)
+        reporter.info(f"{where}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
+                      + f" over {len(scores.videos)} videos ({protocol.describe()})")
+    D.barrier()
+    return result
+
+
+def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cfg: FinetuneConfig, pretrained: _Pretrained | None,
+           reporter: Reporter, info: D.DistInfo, run_key: str, where: str, last: Path,
+           max_steps: int | None) -> tuple[VideoClassifier, int, bool]:
+    world, device = info.world_size, info.device
+    n_train = len(selection.train)
+    factor = 1.0 if pretrained else (cfg.train.scratch_factor or (4.0 if n_train < LARGE_DATASET else 1.5))
+    batches_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * world)))
+    k = cfg.train.accumulate
+    total_steps = max(1, math.ceil(cfg.train.epochs * factor * batches_per_epoch / k))
+    warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+    large = (pretrained.preset if pretrained else cfg.model.scratch_preset) == "large_half"
+    lr = cfg.train.lr or (5e-5 if large else 1e-4)  # Table 4
+    amp = cfg.train.amp and device.type == "cuda"
+
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed % 2**32)
+    torch.manual_seed(cfg.train.seed)
+    model = VideoClassifier(ccfg)
+    if pretrained is not None:
+        try:
+            load_state_resized(model.backbone, pretrained.state)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=lr, betas=(cfg.train.beta1, cfg.train.beta2),
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps))
+    loader = ClipLoader(root, selection.train_shards, ClipSampling(n_frames=ccfg.backbone.frames, view=None, clips=1),
+                        batch_size=cfg.train.batch_size, batches_per_epoch=batches_per_epoch, pad_id=ccfg.backbone.pad_id,
+                        seed=cfg.train.seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
+                        shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=device.type == "cuda", labels=selection.train)
+    step, epoch, consumed = 0, 0, 0
+    if last.exists():
+        ckpt = read_checkpoint(last, FORMAT, "fine-tune")
+        try:
+            model.load_state_dict(strip_prefixes(ckpt["model"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
+            set_rng_states(ckpt["rng"][info.rank], device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
+        reporter.info(f"{where}: resuming at step {step}/{total_steps}")
+    else:
+        scratch = f" (from scratch: {factor:g}x the epochs)" if pretrained is None else ""
+        reporter.info(f"{where}: fine-tuning {model.backbone.num_params() / 1e6:.1f}M parameters for {total_steps} steps of "
+                      f"{cfg.train.batch_size}x{world}x{k} videos{scratch}; {n_train} training videos, {len(selection.classes)} classes, "
+                      f"lr {lr:g} on {device} ({run_key})")
+    if cfg.train.compile:
+        for i, layer in enumerate(model.backbone.layers):
+            model.backbone.layers[i] = torch.compile(layer)
+    net: torch.nn.Module = model
+    if world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stream = {"epoch": epoch, "pos": consumed}
+
+    def micro_batches():
+        while True:
+            for batch in loader.epoch(stream["epoch"], skip_batches=stream["pos"]):
+                stream["pos"] += 1
+                for err in batch.get("errors") or []:
+                    reporter.warning(f"fine-tune data: {err}")
+                yield batch
+            stream["epoch"], stream["pos"] = stream["epoch"] + 1, 0
+
+    def save_resume() -> None:
+        states = [None] * world
+        mine = rng_states(device)
+        if world > 1:
+            torch.distributed.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        if info.is_main:
+            atomic_save({"format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
+                         "model": strip_prefixes(model.state_dict()), "model_config": ccfg.to_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                         "epoch": stream["epoch"], "consumed": stream["pos"], "rng": states, "world_size": world}, last)
+        D.barrier()
+
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    window = torch.zeros(6, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds
+    started = time.perf_counter()
+    reporter.start_progress(total_steps, f"fine-tune {where}")
+    if step:
+        reporter.advance(step)
+    with flush_denormals(device), stop_at_step_boundary(world == 1) as interrupt:
+        batches = micro_batches()
+        while step < stop_at:
+            t_wait = time.perf_counter()
+            micro = [to_device(next(batches), device) for _ in range(k)]
+            wait = time.perf_counter() - t_wait
+            current_lr = optimizer.param_groups[0]["lr"]
+            loss_sum, correct, videos, grad_norm = train_step(net, optimizer, micro, device=device, amp=amp, grad_clip=cfg.train.grad_clip)
+            scheduler.step()
+            step += 1
+            window += torch.tensor([loss_sum, correct, videos, grad_norm, 1.0, wait], dtype=torch.float64)
+            if step % cfg.train.log_every == 0 or step == stop_at:
+                sums = D.all_reduce_sum(window.to(device)).cpu()
+                elapsed = max(1e-9, time.perf_counter() - started)
+                values = {"loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]), "lr": current_lr,
+                          "grad_norm": float(sums[3] / sums[4]), "videos_per_s": float(sums[2] / elapsed),
+                          "data_wait_frac": float(sums[5] / world / elapsed),
+                          "epoch": stream["epoch"] + stream["pos"] / batches_per_epoch}
+                if info.is_main:
+                    reporter.metrics(values, step=step)
+                window.zero_()
+                started = time.perf_counter()
+            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                save_resume()
+            reporter.advance()
+            if interrupt["stop"]:
+                save_resume()
+                reporter.info(f"interrupted at step {step}: position saved; run the same command again to continue")
+                raise KeyboardInterrupt
+        batches.close()
+    if step < total_steps:
+        save_resume()
+        reporter.info(f"{where}: stopped at step {step}/{total_steps}; run again to continue")
+        return model, step, False
+    return model, step, True
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *, device: torch.device,
+               amp: bool, grad_clip: float) -> tuple[float, float, float, float]:
+    """One optimizer step over k micro-batches: cross-entropy summed and divided by the global
+    batch's video count, so accumulation and DDP equal one large batch. Returns (loss sum,
+    correct, videos, grad norm) of this rank."""
+    k = len(micro_batches)
+    ddp = isinstance(model, DistributedDataParallel)
+    world = torch.distributed.get_world_size() if ddp else 1
+    local = float(sum(int(b["labels"].numel()) for b in micro_batches))
+    norm = D.all_reduce_sum(torch.tensor([local], device=device)) / world
+    loss_sum = correct = 0.0
+    model.train()
+    for i, b in enumerate(micro_batches):
+        with nullcontext() if (not ddp or i == k - 1) else model.no_sync():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(b["tokens"][:, 0])  # (B, C): the batch's one clip per video
+            ce = F.cross_entropy(logits.float(), b["labels"], reduction="sum")
+            (ce / norm).backward()
+        loss_sum += float(ce.detach())
+        correct += float((logits.detach().argmax(-1) == b["labels"]).sum())
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, correct, local, grad_norm
+
+
+def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, protocol: Protocol,
+                      source: ModelSource, grid: str, run_id: str | None, run_dir: Path, reporter: Reporter) -> dict[str, float]:
+    """Predictions first, then the results file (the evaluation's commit marker), then artifacts."""
+    classes = selection.classes
+    probs = fuse(scores.scores, scores.views)
+    labels = np.array([v.label_index for v in scores.videos], np.int64)
+    metrics = classification_metrics(probs, labels, len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")
+    at = now()
+    predictions = [{
+        "eval_id": result.eval_id, "dataset": selection.dataset, "video_id": v.video_id, "label": v.label, "label_index": v.label_index,
+        "prediction": classes[int(order[i, 0])], "top5": [classes[int(j)] for j in order[i, :5]], "correct": int(order[i, 0]) == v.label_index,
+        "scores": probs[i].tolist(), "views": scores.views, "view_scores": scores.scores[i].tolist(), "token_shard": v.shard,
+        "created_at": at,
+    } for i, v in enumerate(scores.videos)]
+    base = root.home / "tables"
+    write_rows("predictions", predictions, base / "predictions" / selection.dataset / f"{result.eval_id}.parquet")
+    common = {
+        "eval_id": result.eval_id, "dataset": selection.dataset, "split": selection.split, "pretrain_run": result.pretrain_run,
+        "finetune_run": result.run_key, "tokenizer": selection.tokenizer, "protocol": protocol.name, "pretrain_model": source.ref,
+        "pretrain_recipe": result.pretrain_recipe, "finetune_recipe": result.finetune_recipe, "grid": grid or None,
+        "eval_split": selection.eval_split, "train_split": selection.train_split, "n_videos": len(scores.videos),
+        "n_classes": len(classes), "token_shards": [s.path for s in selection.shards], "checkpoint": root.relative(result.checkpoint),
+        "run_id": run_id, "code_version": f"{CODE_VERSION}/{EVAL_VERSION}", "created_at": now(),
+    }
+    write_rows("results", [{**common, "metric": m, "value": float(v)} for m, v in metrics.items()],
+               base / "results" / selection.dataset / f"{result.eval_id}.parquet")
+
+    matrix = confusion_matrix(labels, order[:, 0], len(classes))
+    title = f"{result.pretrain_recipe} on {selection.dataset} split {selection.split}: top-1 {100 * metrics['top1']:.1f}% ({protocol.name})"
+    png = confusion_png(matrix, classes, run_dir / "confusion_matrix.png", title=title)
+    table = io.StringIO()
+    rows = per_class_accuracy(labels, order[:, 0], classes)
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    per_class = run_dir / "per_class_accuracy.csv"
+    per_class.write_text(table.getvalue())
+    for path in (png, per_class):
+        reporter.artifact(path)
+    result.artifacts = [png, per_class]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def results_table(root: DataRoot, eval_id: str) -> pa.Table:
+    return Catalog(root).query("SELECT * FROM results WHERE eval_id = ? ORDER BY metric", [eval_id])

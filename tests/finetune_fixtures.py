@@ -1,0 +1,59 @@
+"""A labeled token corpus written straight into a data root: videos and datasets rows as ingest
+writes them, and downstream-variant token shards as tokenize writes them, so the fine-tune
+stage and the evaluate flow can run without decoding any video."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.frames.views import view_names
+from test_pretrain_data import write_shard
+from warehouse.catalog import Catalog
+from warehouse.tables import now, write_rows
+
+TOKENIZER = "ckpt:aaaaaaaaaaaaaaaa"
+CODEBOOK = 64
+GRID = (4, 4)
+
+
+def class_tokens(label: int, vid: int, n: int, n_views: int) -> np.ndarray:
+    """Codes that give the class away in every view and frame, with per-video noise."""
+    rng = np.random.default_rng(vid)
+    base = np.full((n_views, n, *GRID), 8 * label, np.uint16)
+    return base + rng.integers(0, 4, size=base.shape).astype(np.uint16)
+
+
+def labeled_dataset(root, dataset: str, *, classes=("Run", "Jump", "Swim"), per_class: int = 6, n_splits: int = 3,
+                    flip_sensitive: bool = False, tokenizer: str = TOKENIZER, first_vid: int = 100, shard_size: int = 8,
+                    split_names: bool = False, video_splits=None, labels=None) -> dict[str, tuple[str, str, list[str]]]:
+    """`per_class` videos per class; in split set k, video i of a class is test when i % 3 == k - 1.
+    With split_names, a single train/val split instead. Returns video_id -> (label, split, splits)."""
+    Catalog(root).ensure_tables()
+    views = view_names("downstream", flip_sensitive)
+    rows, vids, info = [], [], {}
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            vid = first_vid + c * per_class + i
+            video_id = f"v{vid:03d}"
+            splits = [("test" if i % 3 == k else "train") for k in range(n_splits)]
+            split = ("val" if i % 3 == 0 else "train") if split_names else splits[0] if splits else None
+            if video_splits is not None:
+                split, splits = video_splits(video_id, split, splits)
+            label = labels(video_id, name) if labels is not None else name
+            info[video_id] = (label, split, None if split_names else splits)
+            rows.append({"dataset": dataset, "video_id": video_id, "source": f"/src/{name}/{video_id}.mp4", "sha256": f"{vid:064x}",
+                         "label": label, "split": split, "splits": None if split_names else splits, "status": "ok",
+                         "ingested_at": now(), "unit": f"{dataset}-ingest-0"})
+            vids.append((vid, c))
+    write_rows("videos", rows, root.table_dir("videos", dataset, "ingest-0.parquet"))
+    write_rows("shards", [{"stage": "ingest", "dataset": dataset, "unit": f"{dataset}-ingest-0", "path": "", "n_samples": len(rows),
+                           "n_failed": 0, "bytes": 0, "created_at": now()}], root.table_dir("shards", "ingest", f"{dataset}-0.parquet"))
+    write_rows("datasets", [{"dataset": dataset, "source": "/src", "layout": "manifest", "labeled": True, "flip_sensitive": flip_sensitive,
+                             "classes": list(classes), "n_entries": len(rows), "updated_at": now()}],
+               root.table_dir("datasets", dataset, "d.parquet"))
+    by_vid = dict(vids)
+    for number, start in enumerate(range(0, len(vids), shard_size)):
+        chunk = [v for v, _ in vids[start : start + shard_size]]
+        write_shard(root, dataset, number, chunk, views=views, variant="downstream", tokenizer=tokenizer, grid=GRID, codebook=CODEBOOK,
+                    fps=4.0, size=32, make_tokens=lambda vid, n, nv: class_tokens(by_vid[vid], vid, n, nv))
+    return info
