@@ -148,7 +148,7 @@ def ingest_entry(root: DataRoot, dataset: str, entry: Entry, cfg: IngestConfig) 
         "retryable": False,
     }
     if entry.error:
-        row.update(error=entry.error, error_code="bad_manifest_row")
+        row.update(error=entry.error, error_code=entry.error_code or "bad_manifest_row")
         return row
     tmp = root.temp_file(prefix=f"{STAGE}--{dataset}--")
     try:
@@ -258,7 +258,8 @@ def record_dataset(root: DataRoot, plan: IngestPlan) -> None:
                 "source": plan.dataset.source,
                 "layout": plan.listing.layout,
                 "labeled": plan.listing.labeled,
-                "flip_sensitive": plan.dataset.flip_sensitive,
+                # Either the user (flip_sensitive: true) or the layout itself (SSv2) can say so.
+                "flip_sensitive": plan.dataset.flip_sensitive or plan.listing.flip_sensitive,
                 "classes": plan.listing.classes,
                 "n_entries": len(plan.listing.entries),
                 "updated_at": now(),
