@@ -284,7 +284,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from stages.evaluate.report import build_report
     from warehouse.catalog import Catalog
 
-    report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid)
+    try:
+        report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid)
+    except ValueError as e:  # results exist, but none for this metric or grid: say which there are
+        raise ConfigError(str(e)) from None
     if not report.rows:
         print("no results yet (run `vimpac run evaluate --grid FILE`)")
         return 0

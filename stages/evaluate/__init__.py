@@ -1,0 +1,1 @@
+"""Downstream evaluation: multi-view fusion, accuracy metrics and the results report."""
