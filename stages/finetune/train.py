@@ -236,12 +236,15 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     if not force and (done := existing_results(root, eval_id)):
         reporter.info(f"{where}: already evaluated (eval {eval_id}): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(done.items())))
         result.metrics, result.cached = done, True
+        final = root.home / "checkpoints" / "finetune" / run_key / "final.pt"
+        result.checkpoint = final if final.exists() else None
         return result
 
     run_dir = root.home / "checkpoints" / "finetune" / run_key
     final, last = run_dir / "final.pt", run_dir / "last.pt"
+    # --force trains afresh, but the previous final model and results stay until the new ones
+    # replace them: an interrupted forced run loses nothing that was good.
     if force and info.is_main:
-        final.unlink(missing_ok=True)
         last.unlink(missing_ok=True)
     D.barrier()
     if info.is_main:
@@ -249,7 +252,7 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
         for partial in run_dir.glob(".*.partial"):
             partial.unlink(missing_ok=True)
 
-    if final.exists():
+    if final.exists() and not force:
         ckpt = read_checkpoint(final, FORMAT, "fine-tune")
         model = VideoClassifier(ClassifierConfig.from_dict(dict(ckpt["model_config"])))
         model.load_state_dict(strip_prefixes(ckpt["model"]))
