@@ -8,6 +8,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -294,7 +295,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     _print_table(report.to_arrow(), report.title)
     out = Path(args.out) if args.out else DataRoot(args.home).home / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"results-{args.grid or 'all'}-{args.metric}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"results-{args.grid or 'all'}-{args.metric}")
     (out / f"{stem}.md").write_text(report.to_markdown())
     (out / f"{stem}.csv").write_text(report.to_csv())
     print(f"wrote {out / stem}.md and .csv")

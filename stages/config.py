@@ -302,7 +302,7 @@ class GridDataset(StrictModel):
 class GridConfig(StrictModel):
     """A batch of fine-tuning + evaluation cells: models x datasets x splits x presets."""
 
-    name: str = Field("grid", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$", description="Grid name, recorded with every result.")
+    name: str = Field("grid", min_length=1, description="Grid name, recorded with every result (`vimpac report --grid NAME`).")
     models: list[GridModel] = Field(..., min_length=1, description="Pretrained models (rows); `scratch` is the baseline.")
     datasets: list[GridDataset] = Field(..., min_length=1, description="Labeled datasets (columns) and their splits.")
     presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets: every cell runs once per preset.")
@@ -461,8 +461,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # Sec. F analyses: the small model at 5 x 128, 2 temporal clips at test.
         "analysis": {"data": {"frames": 5}, "eval": {"clips": 2}},
         # CPU: the demo and tests (tiny backbone, 8x8 tokens).
-        "tiny": {"model": {"scratch_preset": "tiny", "dropout": 0.0},
-                 "train": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "log_every": 5, "checkpoint_every": 50},
+        # 30 epochs: on the demo's 32 training videos per set both models reach ~100% training
+        # accuracy well before that, and the demo stays within its time budget.
+        "tiny": {"model": {"scratch_preset": "tiny"},
+                 "train": {"epochs": 30, "batch_size": 16, "lr": 1e-3, "log_every": 5, "checkpoint_every": 50},
                  "eval": {"clips": 4, "batch_size": 64}},
         "micro": {"model": {"scratch_preset": "micro", "dropout": 0.0},
                   "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "checkpoint_every": 1},

@@ -1,5 +1,6 @@
-"""Integration: the demo corpus's pretraining set through every stage up to pretrain, with the
-demo's own settings, and the tiny model must learn something real."""
+"""Integration: the demo corpus's pretraining set and one labeled set through the whole DAG with
+the demo's own settings; the tiny model must learn something real, and the evaluate stage must
+put a scratch and a pretrained row into the results catalog, with lineage to the videos."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from warehouse.catalog import Catalog
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_pretraining_on_demo_tokens_beats_the_most_frequent_token(prefect_harness, tmp_path):
+def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect_harness, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flows.cli import demo_pipeline_file
@@ -23,8 +24,10 @@ def test_tiny_pretraining_on_demo_tokens_beats_the_most_frequent_token(prefect_h
     home = tmp_path / "home"
     datasets = generate_demo_corpus(tmp_path / "corpus", seed=0)
     cfg = resolve_pipeline(demo_pipeline_file(tmp_path / "corpus", datasets))
-    # Only the pretraining set: what the demo pretrains on, without the labeled sets' stages.
-    cfg = cfg.model_copy(update={"datasets": [d for d in cfg.datasets if d.name == "demo-pretrain"]})
+    # The pretraining set and one labeled set (fewer fine-tuning epochs than the demo: CI time).
+    evaluate = cfg.evaluate.model_copy(update={"set": ["train.epochs=10"]})
+    cfg = cfg.model_copy(update={"datasets": [d for d in cfg.datasets if d.name in ("demo-pretrain", "demo-motion")],
+                                 "evaluate": evaluate})
     summaries = pipeline(cfg, str(home))
 
     result = summaries["pretrain/demo-pretrain"]
@@ -39,3 +42,13 @@ def test_tiny_pretraining_on_demo_tokens_beats_the_most_frequent_token(prefect_h
     assert version.tags["vimpac.datasets"] == "demo-pretrain"
     rows = Catalog(home).rows("SELECT summary FROM runs WHERE stage = 'pretrain' AND status = 'completed'")
     assert len(rows) == 1 and json.loads(rows[0][0])["eval_mask_acc"] == acc
+
+    cells = summaries["evaluate/demo"]["cells"]
+    assert sorted(c["pretrain_recipe"] for c in cells.values()) == ["scratch", "tiny-5x64-mp+cl"]
+    assert all(c["dataset"] == "demo-motion" and c["split"] == "1" and c["protocol"] == "4x1-center" for c in cells.values()), \
+        "demo-motion is flip-sensitive: center crops only"
+    lineage = Catalog(home).rows(
+        """SELECT r.pretrain_recipe, count(DISTINCT v.sha256), any_value(r.tokenizer) FROM results r JOIN predictions p USING (eval_id)
+           JOIN videos v ON v.dataset = r.dataset AND v.video_id = p.video_id WHERE r.metric = 'top1' GROUP BY ALL ORDER BY 1""")
+    assert [(r[0], r[2]) for r in lineage] == [("scratch", version.tags["vimpac.tokenizer"]), ("tiny-5x64-mp+cl", version.tags["vimpac.tokenizer"])]
+    assert lineage[0][1] == lineage[1][1] > 0, "both rows scored the same test videos"

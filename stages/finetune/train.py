@@ -100,7 +100,7 @@ class CellResult:
                 "pretrain_recipe": self.pretrain_recipe, "pretrain_run": self.pretrain_run,
                 "finetune_recipe": self.finetune_recipe, "tokenizer": self.tokenizer, "protocol": self.protocol,
                 "cached": self.cached, "checkpoint": str(self.checkpoint) if self.checkpoint else None, "steps": self.steps,
-                "n_train": self.n_train, "n_eval": self.n_eval, **self.metrics}
+                "n_train": self.n_train, "n_eval": self.n_eval, "warnings": self.warnings, **self.metrics}
 
 
 @dataclass

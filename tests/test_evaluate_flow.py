@@ -1,0 +1,115 @@
+"""The evaluate flow: a 2 x 2 grid (two pretrained checkpoints x two datasets) end to end on the
+micro preset, cached on the second run, one failed cell not losing the others, and the report."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from finetune_fixtures import labeled_dataset
+from flows.cli import load_grid, main
+from stages.config import ConfigError
+from test_finetune import pretrain_checkpoint
+from warehouse.catalog import Catalog
+
+
+@pytest.fixture
+def grid_file(root, tmp_path):
+    labeled_dataset(root, "alpha")
+    labeled_dataset(root, "beta", classes=("Left", "Right"), flip_sensitive=True, first_vid=200)
+    pretrain_checkpoint(tmp_path / "ckpts" / "a.pt", seed=0, name="micro-4x32-mp+cl")
+    pretrain_checkpoint(tmp_path / "ckpts" / "b.pt", seed=1, name="micro-4x32-mp")
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "g2x2", "models": ["ckpts/a.pt", {"ref": "ckpts/b.pt", "name": "mp-only"}],
+        "datasets": [{"name": "alpha", "splits": [1]}, "beta"], "presets": ["micro"],
+    }))
+    return path
+
+
+@pytest.mark.slow
+def test_two_by_two_grid_runs_once_and_the_second_run_does_no_work(prefect_harness, root, grid_file, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from flows.evaluate import evaluate
+
+    grid = load_grid(grid_file, ["train.epochs=2"])
+    assert grid.models[0].ref == str(grid_file.parent / "ckpts" / "a.pt"), "paths in a grid file are relative to it"
+    first = evaluate(grid, str(root.home))
+    assert len(first["cells"]) == 4 and not first["failed"]
+    assert not any(c["cached"] for c in first["cells"].values())
+    results = Catalog(root).rows("SELECT pretrain_recipe, dataset, split, protocol, metric FROM results WHERE grid = 'g2x2' ORDER BY ALL")
+    assert len(results) == 12  # 4 cells x 3 metrics
+    assert {(r[0], r[1], r[2], r[3]) for r in results} == {
+        ("micro-4x32-mp+cl", "alpha", "1", "2x3"), ("mp-only", "alpha", "1", "2x3"),
+        ("micro-4x32-mp+cl", "beta", "1", "2x1-center"), ("mp-only", "beta", "1", "2x1-center")}
+    finetune_runs = Catalog(root).rows("SELECT run_id, mlflow_run_id, status FROM runs WHERE stage = 'finetune'")
+    assert len(finetune_runs) == 4 and {r[2] for r in finetune_runs} == {"completed"}
+    run = MlflowClient().get_run(finetune_runs[0][1])
+    assert {"loss", "train_acc", "lr", "eval_top1", "eval_mean_class"} <= set(run.data.metrics)
+    assert {a.path for a in MlflowClient().list_artifacts(run.info.run_id)} >= {"confusion_matrix.png", "per_class_accuracy.csv"}
+    assert run.data.tags.get("mlflow.parentRunId"), "nested under the grid's run"
+
+    written = sorted(p.stat().st_mtime_ns for p in (root.home / "tables" / "results").rglob("*.parquet"))
+    second = evaluate(grid, str(root.home))
+    assert all(c["cached"] for c in second["cells"].values()) and len(second["cells"]) == 4
+    assert sorted(p.stat().st_mtime_ns for p in (root.home / "tables" / "results").rglob("*.parquet")) == written
+    assert not list((root.home / "checkpoints" / "finetune").rglob("last.pt"))
+
+    assert main(["--home", str(root.home), "report", "--grid", "g2x2"]) == 0
+    out = capsys.readouterr().out
+    assert "mp-only" in out and "alpha" in out and "beta" in out
+    markdown = (root.home / "reports" / "results-g2x2-top1.md").read_text()
+    assert "| mp-only |" in markdown.replace("  ", " ") or "mp-only" in markdown
+
+
+@pytest.mark.slow
+def test_one_failed_cell_does_not_lose_the_others(prefect_harness, root, grid_file, tmp_path):
+    from flows.evaluate import evaluate
+
+    # A checkpoint with another vocabulary cannot read these tokens: its cells fail, clearly.
+    pretrain_checkpoint(tmp_path / "ckpts" / "wrong.pt", n_codes=128)
+    ckpts = grid_file.parent / "ckpts"
+    grid = load_grid(grid_file, ["train.epochs=1", f"models=[{ckpts / 'a.pt'}, {ckpts / 'wrong.pt'}]"])
+    with pytest.raises(RuntimeError, match=r"2 of 4 grid cells failed.*vocabulary of 128 codes"):
+        evaluate(grid, str(root.home))
+    assert Catalog(root).rows("SELECT count(DISTINCT eval_id) FROM results")[0][0] == 2
+    failed = Catalog(root).rows("SELECT error FROM runs WHERE stage = 'finetune' AND status = 'failed'")
+    assert len(failed) == 2 and all("vocabulary of 128 codes" in e for (e,) in failed)
+
+
+def test_grid_typos_fail_before_any_cell_runs(root, grid_file):
+    from flows.evaluate import expand_grid
+
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        expand_grid(load_grid(grid_file, ["presets=[nope]"]))
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        expand_grid(load_grid(grid_file, ["train.epoch=3"]))
+    cells = expand_grid(load_grid(grid_file, []))
+    assert [(c.dataset, c.split) for c in cells] == [("alpha", "1"), ("beta", "auto")] * 2
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tunes_one_cell_on_two_ranks(root):
+    """The README's many-GPU command on 2 CPU processes (gloo): rank 0 runs the flow and writes
+    the results once; rank 1 trains and scores its half of the videos without Prefect or MLflow."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_pretrain_train import REPO
+
+    labeled_dataset(root, "alpha")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "VIMPAC_"))}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flows.cli", "run", "finetune",
+           "--home", str(root.home), "--model", "scratch", "--dataset", "alpha", "--split", "1", "--preset", "micro",
+           "--set", "train.epochs=2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    cells = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    (cell,) = cells.values()
+    assert cell["n_eval"] == 6 and cell["steps"] == 2 * 4 * 2  # 12 videos / (4 x 2 ranks) = 2 batches, 2 epochs, 4x scratch
+    assert Catalog(root).rows("SELECT count(*) FROM predictions")[0][0] == 6, "both ranks' scores, written once"
+    assert Catalog(root).rows("SELECT status FROM runs WHERE stage = 'finetune'") == [("completed",)]
