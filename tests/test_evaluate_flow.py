@@ -40,6 +40,8 @@ def test_two_by_two_grid_runs_once_and_the_second_run_does_no_work(prefect_harne
     assert not any(c["cached"] for c in first["cells"].values())
     results = Catalog(root).rows("SELECT pretrain_recipe, dataset, split, protocol, metric FROM results WHERE grid = 'g2x2' ORDER BY ALL")
     assert len(results) == 12  # 4 cells x 3 metrics
+    (recipe,) = {r[0] for r in Catalog(root).rows("SELECT finetune_recipe FROM results")}
+    assert recipe.startswith("micro-4x32+"), "train.epochs=2 is not the micro preset: the recipe says so"
     assert {(r[0], r[1], r[2], r[3]) for r in results} == {
         ("micro-4x32-mp+cl", "alpha", "1", "2x3"), ("mp-only", "alpha", "1", "2x3"),
         ("micro-4x32-mp+cl", "beta", "1", "2x1-center"), ("mp-only", "beta", "1", "2x1-center")}
@@ -60,7 +62,7 @@ def test_two_by_two_grid_runs_once_and_the_second_run_does_no_work(prefect_harne
     out = capsys.readouterr().out
     assert "mp-only" in out and "alpha" in out and "beta" in out
     markdown = (root.home / "reports" / "results-g2x2-top1.md").read_text()
-    assert "| mp-only |" in markdown.replace("  ", " ") or "mp-only" in markdown
+    assert "| mp-only |" in markdown and "| Pretraining | alpha | beta |" in markdown
 
 
 @pytest.mark.slow

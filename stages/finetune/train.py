@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +39,7 @@ from models.backbone import BackboneConfig, load_state_resized
 from models.classifier import ClassifierConfig, VideoClassifier
 from models.pretrain import PretrainModelConfig
 from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
-from stages.config import ConfigError, FinetuneConfig, config_hash
+from stages.config import PRESETS, ConfigError, FinetuneConfig, build, config_hash
 from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
 from stages.finetune.evaluate import EvalScores, score_videos
 from stages.finetune.splits import SplitSelection, dataset_tokenizers, select_split
@@ -193,6 +192,17 @@ def _frame_size(root: DataRoot, shards: list[TokenShard]) -> int:
     return int(rows[0][0]) if rows else shards[0].grid[0] * 8
 
 
+def finetune_recipe(cfg: FinetuneConfig, preset: str, frames: int, size: int, *, scratch: bool) -> str:
+    """`<preset>-<T>x<S>` (plus the scratch backbone), and `+<config hash>` when settings were
+    changed from the preset's, so a report never averages two different recipes under one name."""
+    name = f"{preset}-{frames}x{size}" + (f"-{cfg.model.scratch_preset}" if scratch else "")
+    try:
+        as_preset = build(FinetuneConfig, PRESETS["finetune"][preset])
+    except KeyError:
+        return f"{name}+{config_hash(cfg)[:6]}"
+    return name if config_hash(as_preset) == config_hash(cfg) else f"{name}+{config_hash(cfg)[:6]}"
+
+
 def existing_results(root: DataRoot, eval_id: str) -> dict[str, float]:
     return {m: v for m, v in Catalog(root).rows("SELECT metric, value FROM results WHERE eval_id = ?", [eval_id])}
 
@@ -228,7 +238,7 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
     eval_id = hashlib.sha256(json.dumps([run_key, protocol.name, EVAL_VERSION]).encode()).hexdigest()[:16]
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
-    ft_recipe = f"{preset}-{frames}x{size}" + (f"-{cfg.model.scratch_preset}" if pretrained is None else "")
+    ft_recipe = finetune_recipe(cfg, preset, frames, size, scratch=pretrained is None)
     result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, protocol.name,
                         {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings))
     where = f"{recipe} on {dataset} split {selection.split} ({ft_recipe})"
@@ -483,6 +493,3 @@ def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelect
     result.artifacts = [png, per_class]
     return {k: float(v) for k, v in metrics.items()}
 
-
-def results_table(root: DataRoot, eval_id: str) -> pa.Table:
-    return Catalog(root).query("SELECT * FROM results WHERE eval_id = ? ORDER BY metric", [eval_id])
