@@ -11,6 +11,7 @@ from stages.config import (
     PRESETS,
     STAGES,
     ConfigError,
+    FinetuneConfig,
     DatasetConfig,
     IngestConfig,
     PipelineConfig,
@@ -146,7 +147,8 @@ def test_unknown_key_in_base_data_is_rejected():
 
 @pytest.mark.parametrize("stage, name", [(s, n) for s, names in PRESETS.items() for n in names])
 def test_every_preset_builds(stage, name):
-    model = PipelineConfig.model_fields[stage].annotation
+    # Fine-tuning presets configure grid cells, not a pipeline field.
+    model = FinetuneConfig if stage == "finetune" else PipelineConfig.model_fields[stage].annotation
     cfg = build(model, preset(stage, name)).model_dump()
 
     def check(expected: dict, actual: dict) -> None:
