@@ -192,10 +192,12 @@ def _frame_size(root: DataRoot, shards: list[TokenShard]) -> int:
     return int(rows[0][0]) if rows else shards[0].grid[0] * 8
 
 
-def finetune_recipe(cfg: FinetuneConfig, preset: str, frames: int, size: int, *, scratch: bool) -> str:
-    """`<preset>-<T>x<S>` (plus the scratch backbone), and `+<config hash>` when settings were
-    changed from the preset's, so a report never averages two different recipes under one name."""
-    name = f"{preset}-{frames}x{size}" + (f"-{cfg.model.scratch_preset}" if scratch else "")
+def finetune_recipe(cfg: FinetuneConfig, preset: str, frames: int, size: int) -> str:
+    """`<preset>-<T>x<S>`, and `+<config hash>` when settings were changed from the preset's, so a
+    report never averages two different recipes under one name. The scratch row's backbone preset
+    is in its pretrain_run (`scratch:<preset>`): the same recipe name keeps scratch and pretrained
+    rows of one grid side by side (Table 7)."""
+    name = f"{preset}-{frames}x{size}"
     try:
         as_preset = build(FinetuneConfig, PRESETS["finetune"][preset])
     except KeyError:
@@ -238,7 +240,7 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
     eval_id = hashlib.sha256(json.dumps([run_key, protocol.name, EVAL_VERSION]).encode()).hexdigest()[:16]
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
-    ft_recipe = finetune_recipe(cfg, preset, frames, size, scratch=pretrained is None)
+    ft_recipe = finetune_recipe(cfg, preset, frames, size)
     result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, protocol.name,
                         {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings))
     where = f"{recipe} on {dataset} split {selection.split} ({ft_recipe})"
