@@ -275,6 +275,16 @@ class FinetuneConfig(StrictModel):
     )
 
 
+def _short_models(v: Any) -> Any:
+    """`- scratch` in a grid file means `- {ref: scratch}`."""
+    return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+
+def _short_datasets(v: Any) -> Any:
+    """`- ucf101` in a grid file means `- {name: ucf101}`."""
+    return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+
 class GridModel(StrictModel):
     """One row of the results grid: a pretrained model, or `scratch`."""
 
@@ -311,15 +321,8 @@ class GridConfig(StrictModel):
     parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several; CPU: 1).")
     experiment: str = operational("vimpac", description="MLflow experiment.")
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _plain_refs(cls, v: Any) -> Any:
-        return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
-
-    @field_validator("datasets", mode="before")
-    @classmethod
-    def _plain_names(cls, v: Any) -> Any:
-        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+    _plain_refs = field_validator("models", mode="before")(_short_models)
+    _plain_names = field_validator("datasets", mode="before")(_short_datasets)
 
 
 PRETRAINED = "pretrained"
@@ -338,15 +341,8 @@ class PipelineEvaluate(StrictModel):
     set: list[str] = Field(default_factory=list, description="`a.b=value` overrides of every cell's fine-tune config.")
     parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several).")
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _plain_refs(cls, v: Any) -> Any:
-        return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
-
-    @field_validator("datasets", mode="before")
-    @classmethod
-    def _plain_names(cls, v: Any) -> Any:
-        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+    _plain_refs = field_validator("models", mode="before")(_short_models)
+    _plain_names = field_validator("datasets", mode="before")(_short_datasets)
 
 
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "ssv2", "diving48", "kinetics", "list", "manifest"]
