@@ -183,8 +183,9 @@ def test_stopped_cell_resumes_to_the_uninterrupted_weights(toy, tmp_path):
     assert rest.metrics == pytest.approx(whole.metrics)
 
 
-def test_evaluation_views_start_uniformly_and_pad_short_videos(toy):
-    """The scored clips are the protocol's: tokens reveal which frames each view saw."""
+def test_evaluation_clips_pad_videos_shorter_than_t():
+    """A video shorter than T is scored on its frames followed by [PAD], never on wrapped frames
+    (the uniform start positions themselves are tested with clip_starts in test_eval_metrics)."""
     from stages.finetune.evaluate import _clips
 
     tokens = np.arange(3)[:, None, None] * np.ones((3, 2, 2), np.int64)  # 3 frames, value = frame index
