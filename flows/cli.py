@@ -191,6 +191,8 @@ def load_grid(path: Path, overrides: list[str]) -> GridConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
+    if getattr(args, "dask", None) and args.stage not in ("ingest", "frames", "tokenize", "pipeline"):
+        raise ConfigError("--dask applies to `vimpac run ingest|frames|tokenize|pipeline`")
     if args.stage == "evaluate":
         if not args.grid:
             raise ConfigError("vimpac run evaluate needs --grid FILE (models, datasets and splits; see README)")
@@ -209,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not sep:
                 raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
             presets[stage] = name
-        cfg = resolve_pipeline(args.config, overrides, presets)
+        cfg = resolve_pipeline(args.config, overrides + ([f"dask={args.dask}"] if getattr(args, "dask", None) else []), presets)
         if not cfg.datasets:
             raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
         root, flows = _flows(args.home)
@@ -241,7 +243,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         "tokenizer": flows.tokenizer.tokenizer, "tokenize": flows.tokenizer.tokenize,
         "pretrain": flows.pretrain.pretrain,
     }[args.stage]
-    summary = stage_flow(dataset, stage_cfg, str(root.home), args.force)
+    # --dask, else a pipeline file's top-level `dask:` (flows/dask_runner.py).
+    dask = getattr(args, "dask", None) or (file_data.get("dask") if args.stage in ("ingest", "frames", "tokenize") else None)
+    if dask:
+        from flows.dask_runner import parse_dask
+
+        try:
+            parse_dask(dask)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    summary = stage_flow(dataset, stage_cfg, str(root.home), args.force, **({"dask": dask} if dask else {}))
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -429,6 +440,69 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What `vimpac run pipeline` with the same arguments would run, and why; runs nothing and
+    writes nothing to the data root (docs/plan.md)."""
+    from stages.plan import plan_pipeline
+
+    presets = {}
+    for item in args.preset or []:
+        stage, sep, name = item.partition("=")
+        if not sep:
+            raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
+        presets[stage] = name
+    cfg = resolve_pipeline(args.config, list(args.set or []), presets)
+    if not cfg.datasets:
+        raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
+    plan = plan_pipeline(cfg, args.home, force=args.force)
+    if args.format == "json":
+        json.dump(plan.to_json(), sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"plan for {cfg.name} in {plan.home}" + (" (--force)" if plan.force else ""))
+    for column in ("stage", "dataset", "to run", "cached", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in plan.table_rows():
+        table.add_row(*row.values())
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for note in plan.notes():
+        console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+    console.print(plan.summary(), highlight=False, soft_wrap=True)
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows.env import configure_environment
+    from flows.server import run_servers
+
+    root = configure_environment(args.home)
+    return run_servers(root, args.host, args.prefect_port, args.mlflow_port)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Register every stage flow and `pipeline` as deployments and run the flow runs the UI starts."""
+    from flows.env import configure_environment
+
+    pipeline_cfg = resolve_pipeline(args.config, list(args.set or [])) if args.config or args.set else None
+    root = configure_environment(args.home)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("vimpac serve needs a Prefect server: start `vimpac server` for this data root in another shell "
+                          "(or set PREFECT_API_URL to a running server)")
+    from flows.serve import DEPLOYMENT, SPECS, serve_deployments
+
+    unknown = sorted(set(args.only or []) - set(SPECS))
+    if unknown:
+        raise ConfigError(f"--only: no deployment for {', '.join(unknown)} (there are {', '.join(SPECS)})")
+    names = args.only or list(SPECS)
+    print(f"serving {', '.join(f'{n}/{DEPLOYMENT}' for n in names)} from {root.home} to {os.environ['PREFECT_API_URL']}")
+    serve_deployments(root, pipeline_cfg, limit=args.limit, names=names)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="data root (default: $VIMPAC_HOME or ./vimpac-data)")
@@ -471,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stage preset (stage runs: NAME; pipeline: STAGE=NAME)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. batch_size=8")
     p.add_argument("--force", action="store_true", help="recompute even what is cached")
+    p.add_argument("--dask", metavar="CLUSTER", help="ingest, frames, tokenize, pipeline: run the units on a Dask cluster: "
+                   "local, local:N (N worker processes) or a scheduler address such as tcp://host:8786 (docs/scale-out.md)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("models", parents=[common], help="backbone presets, parameter counts and mask blocks per resolution")
@@ -490,6 +566,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="short catalog summary")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("server", parents=[common], help="run a Prefect server and an MLflow server for the data root (Ctrl-C stops both)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address both servers bind to (default 127.0.0.1; neither has authentication: bind wider only on purpose)")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("serve", parents=[common], help="serve every stage flow and `pipeline` as Prefect deployments (needs `vimpac server`)")
+    p.add_argument("--config", type=Path, help="pipeline file whose settings fill the deployments' parameter forms")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override in those defaults")
+    p.add_argument("--only", action="append", metavar="NAME", help="serve only these deployments (repeatable)")
+    p.add_argument("--limit", type=int, help="most flow runs executing at once (default: no limit)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("tokens-png", parents=[common], help="render a video's tokens back to a frame grid PNG")
     p.add_argument("--dataset", required=True)
     p.add_argument("--video-id", required=True)
@@ -503,6 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("plan", parents=[common], help="show which units of which stages `run pipeline` would run and why; runs nothing")
+    p.add_argument("--config", type=Path, help="pipeline config file (YAML or TOML)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, as for `run pipeline`")
+    p.add_argument("--preset", action="append", metavar="STAGE=NAME", help="stage preset, as for `run pipeline`")
+    p.add_argument("--force", action="store_true", help="plan a forced run (everything recomputed)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

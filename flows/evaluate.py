@@ -10,6 +10,8 @@ any cell failed, after everything else was committed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
 from flows.registry import download_version
+from flows.stage_flow import run_lock
 from flows.tracking import tracked_run
 
 
@@ -80,7 +83,12 @@ def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool
     config = {"model": cell.model.model_dump(), "dataset": cell.dataset, "split": cell.split, "preset": cell.preset,
               "grid": grid_name, "finetune": cell.config.model_dump(), "force": force}
     name = f"finetune-{cell.model.name or Path(cell.model.ref).name}-{cell.dataset}-{cell.split}"
-    with tracked_run(root, "finetune", config, logger=logger, run_name=name, dataset=cell.dataset, experiment=experiment) as ctx:
+    # The same cell started twice at once (two grids, two UI clicks) trains once: the second
+    # waits, then finds the first one's result in the catalog.
+    identity = hashlib.sha256(json.dumps([cell.model.ref, cell.split, cell.preset, cell.config.model_dump()], sort_keys=True,
+                                         default=str).encode()).hexdigest()[:12]
+    with run_lock(root, "finetune", f"{cell.dataset}-{identity}", logger), \
+            tracked_run(root, "finetune", config, logger=logger, run_name=name, dataset=cell.dataset, experiment=experiment) as ctx:
         source = resolve_model(cell.model)
         result = finetune_cell(root, source, cell.dataset, cell.split, cell.config, preset=cell.preset, grid=grid_name,
                                reporter=ctx.reporter, force=force, run_id=ctx.record.run_id)
@@ -95,6 +103,13 @@ def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool
 @flow(name="evaluate", description="Fine-tune every (model, dataset, split, preset) cell of a grid and evaluate it with multi-view "
       "testing; results go to the catalog's results/predictions views. Finished cells are skipped.")
 def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> dict:
+    """Fine-tune and evaluate every cell of a grid not in the results table yet.
+
+    Args:
+        grid: models (scratch, models:/NAME/VERSION or a checkpoint) x datasets (with split sets) x fine-tune presets.
+        home: the data root (default: the server's VIMPAC_HOME).
+        force: retrain and re-evaluate cells that are already in the results table.
+    """
     logger = get_run_logger()
     root = DataRoot(home).ensure()
     Catalog(root).refresh()

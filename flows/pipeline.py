@@ -62,6 +62,13 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
 
 @flow(name="pipeline", description="Run the configured stages (in DAG order) over the configured datasets.")
 def pipeline(config: PipelineConfig, home: str | None = None, force: bool = False) -> dict:
+    """Every configured stage in DAG order, under one parent MLflow run.
+
+    Args:
+        config: datasets (name, source, layout) and every stage's settings; `stages` picks which stages run.
+        home: the data root (default: the server's VIMPAC_HOME).
+        force: recompute every configured stage, even units that are cached.
+    """
     logger = get_run_logger()
     root = DataRoot(home).ensure()
     catalog = Catalog(root)
@@ -89,7 +96,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                     logger.warning(f"{stage} of {ds.name} skipped: an earlier stage failed")
                     continue
                 stage_flow, stage_cfg = per_dataset[stage]
-                run(stage, stage_flow, ds.name, ds, stage_cfg, str(root.home), force)
+                run(stage, stage_flow, ds.name, ds, stage_cfg, str(root.home), force, dask=config.dask)
 
         tokenizer_ref = config.tokenize.tokenizer
         pretrained_ref: str | None = None
@@ -106,7 +113,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                 if any(f.startswith(f"{ds.name}/") for f in failed) or not tokenizer_ref:
                     logger.warning(f"tokenize of {ds.name} skipped: an earlier stage failed or no tokenizer is available")
                     continue
-                run("tokenize", tokenize, ds.name, ds, tokenize_cfg, str(root.home), force)
+                run("tokenize", tokenize, ds.name, ds, tokenize_cfg, str(root.home), force, dask=config.dask)
         if "pretrain" in config.stages and config.datasets:
             pretrain_on = pretraining_datasets(catalog, config, config.pretrain.datasets, "pretrain.datasets")
             blocked = [n for n in pretrain_on if any(f.startswith(f"{n}/") for f in failed)]

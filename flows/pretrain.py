@@ -6,7 +6,7 @@ import json
 
 from prefect import flow
 
-from stages.config import DatasetConfig, PretrainConfig
+from stages.config import DatasetConfig, PretrainConfig, config_hash
 from stages.pretrain.train import pretrain as run_pretrain
 from stages.pretrain.train import resolve_tokenizer_identity
 
@@ -23,10 +23,20 @@ from flows.stage_flow import record_outcome, run_name_from, stage_flow_run
 )
 def pretrain(dataset: DatasetConfig, config: PretrainConfig | None = None, home: str | None = None, force: bool = False,
              train_on: list[str] | None = None) -> dict:
+    """Pretrain (or resume, or reuse) the VIMPAC backbone and register it.
+
+    Args:
+        dataset: the dataset whose token shards to pretrain on (its name is enough once it is tokenized).
+        config: model, masking, contrastive and training settings (Tables 3-4 presets: small, base, large_half).
+        home: the data root (default: the server's VIMPAC_HOME).
+        force: train again even if a finished run with this recipe and data exists.
+        train_on: several datasets' token shards at once (default: config.datasets, else `dataset`).
+    """
     config = config or PretrainConfig()
     datasets = train_on or config.datasets or [dataset.name]
     resolved = {"dataset": dataset.model_dump(), "pretrain": config.model_dump(), "train_on": datasets, "force": force}
-    with stage_flow_run("pretrain", dataset.name, home, resolved) as ctx:
+    # Locked per recipe and data: two recipes may train at once on two GPUs, the same one never twice.
+    with stage_flow_run("pretrain", dataset.name, home, resolved, lock_key="+".join(sorted(datasets)) + "-" + config_hash(config)[:8]) as ctx:
         identity = resolve_tokenizer_identity(ctx.root, datasets, config.tokenizer)
         config = config.model_copy(update={"tokenizer": identity})
         result = run_pretrain(ctx.root, datasets, config, reporter=ctx.reporter, force=force)

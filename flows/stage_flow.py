@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import socket
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ContextManager, Iterator
 
 from prefect import get_run_logger
 
-from warehouse.catalog import Catalog
+from warehouse.catalog import Catalog, file_lock
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
@@ -30,15 +33,31 @@ def run_name_from(stage: str):
     return name
 
 
+def run_lock(root: DataRoot, stage: str, key: str, logger) -> ContextManager[None]:
+    """One run at a time per stage and dataset (DESIGN.md: the catalog stays single-writer).
+    A second flow run of the same stage on the same data waits, says for whom, and then
+    finds the first run's committed units cached: a no-op, never a half-overwritten shard."""
+    from prefect.runtime import flow_run
+
+    holder = f"{stage} of {key}: Prefect flow run {flow_run.id or '-'}, pid {os.getpid()} on {socket.gethostname()}"
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"run--{stage}--{key}")
+    return file_lock(root.locks / f"{name}.lock", holder=holder,
+                     on_wait=lambda who: logger.warning(f"{stage} of {key} waits for the run that holds it: {who}"))
+
+
 @contextmanager
-def stage_flow_run(stage: str, dataset: str, home: str | None, config: dict[str, Any]) -> Iterator[StageContext]:
+def stage_flow_run(stage: str, dataset: str, home: str | None, config: dict[str, Any], *,
+                   lock_key: str | None = None) -> Iterator[StageContext]:
+    """`lock_key` names the data the run writes (default: the dataset; training stages pass
+    the set of datasets they train on)."""
     logger = get_run_logger()
     root = DataRoot(home).ensure()
-    Catalog(root).refresh()
-    for run_id in mark_crashed_runs(root):
-        logger.warning(f"run {run_id} was interrupted earlier; its committed units are kept, the rest is redone")
-    with tracked_run(root, stage, config, logger=logger, run_name=f"{stage}-{dataset}", dataset=dataset) as ctx:
-        yield ctx
+    with run_lock(root, stage, lock_key or dataset, logger):
+        Catalog(root).refresh()
+        for run_id in mark_crashed_runs(root):
+            logger.warning(f"run {run_id} was interrupted earlier; its committed units are kept, the rest is redone")
+        with tracked_run(root, stage, config, logger=logger, run_name=f"{stage}-{dataset}", dataset=dataset) as ctx:
+            yield ctx
 
 
 def record_outcome(ctx: StageContext, stage: str, summary: dict, failures: list[dict], errors: list[str]) -> dict:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prefect import flow
 
-from stages.config import ConfigError, DatasetConfig, TokenizeConfig, TokenizerConfig
+from stages.config import ConfigError, DatasetConfig, TokenizeConfig, TokenizerConfig, config_hash
 from stages.tokenize.stage import LoadedTokenizer, load_tokenizer, pick_device, run_tokenize
 
+from flows.dask_runner import unit_runner
 from flows.registry import download_version, register_checkpoint
 from flows.stage_flow import record_outcome, run_name_from, stage_flow_run
-from flows.units import prefect_runner
 
 def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
     """Registry URIs become a local checkpoint (downloaded once into MLflow's cache); the
@@ -41,12 +41,22 @@ def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
 )
 def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, home: str | None = None, force: bool = False,
               frame_size: int | None = None, train_on: list[str] | None = None) -> dict:
+    """Train (or reuse) a VQ-VAE tokenizer and register it.
+
+    Args:
+        dataset: the dataset whose frames to train on.
+        config: VQ-VAE size, codebook and training settings (presets: tiny, small).
+        home: the data root (default: the server's VIMPAC_HOME).
+        force: train again even if a finished run with this config and data exists.
+        frame_size: side of the frames to train on (default: the frames stage's size).
+        train_on: several datasets' frames at once (default: config.datasets, else `dataset`).
+    """
     from stages.tokenizer.train import train_tokenizer
 
     config = config or TokenizerConfig()
     datasets = train_on or config.datasets or [dataset.name]
     resolved = {"dataset": dataset.model_dump(), "tokenizer": config.model_dump(), "train_on": datasets, "force": force}
-    with stage_flow_run("tokenizer", dataset.name, home, resolved) as ctx:
+    with stage_flow_run("tokenizer", dataset.name, home, resolved, lock_key="+".join(sorted(datasets)) + "-" + config_hash(config)[:8]) as ctx:
         trained = train_tokenizer(ctx.root, datasets, config, reporter=ctx.reporter, frame_size=frame_size, force=force)
         uri = register_checkpoint(
             trained.checkpoint, config.register_as, trained.run_key,
@@ -67,17 +77,32 @@ def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, hom
     name="tokenize",
     flow_run_name=run_name_from("tokenize"),
     description="Encode every stored view of every frame of a dataset into tokenizer code indices, one token "
-    "shard per frame shard (catalog: `token_samples`). Same tokenizer and frames: no work.",
+    "shard per frame shard (catalog: `token_samples`). Same tokenizer and frames: no work. `dask`: run the shards "
+    "on a Dask cluster (`local`, `local:N` or a scheduler address; docs/scale-out.md).",
 )
-def tokenize(dataset: DatasetConfig, config: TokenizeConfig | None = None, home: str | None = None, force: bool = False) -> dict:
+def tokenize(dataset: DatasetConfig, config: TokenizeConfig | None = None, home: str | None = None, force: bool = False,
+             dask: str | None = None) -> dict:
+    """Encode a dataset's frame shards into token shards with a tokenizer.
+
+    Args:
+        dataset: the dataset whose frame shards to tokenize (its name is enough).
+        config: the tokenizer (models:/NAME/VERSION, a checkpoint path or dalle:ENC[,DEC]), device and batching.
+        home: the data root (default: the server's VIMPAC_HOME).
+        force: re-tokenize every frame shard, even those with token shards.
+        dask: run the units on a Dask cluster: `local` (one worker process per core), `local:N` (N workers) or a
+            scheduler address such as tcp://host:8786; empty: threads in this flow run (docs/scale-out.md).
+    """
     config = config or TokenizeConfig()
     if not config.tokenizer:
         raise ConfigError("tokenize needs a tokenizer: models:/NAME/VERSION, a checkpoint path or dalle:ENC[,DEC]")
-    resolved = {"dataset": dataset.model_dump(), "tokenize": config.model_dump(), "force": force}
-    with stage_flow_run("tokenize", dataset.name, home, resolved) as ctx:
+    resolved = {"dataset": dataset.model_dump(), "tokenize": config.model_dump(), "force": force} | ({"dask": dask} if dask else {})
+    with stage_flow_run("tokenize", dataset.name, home, resolved) as ctx, \
+            unit_runner(dask, ctx.root, reporter=ctx.reporter) as runner:
         loaded = resolve_tokenizer(config.tokenizer, pick_device(config.device))
         ctx.reporter.info(f"tokenizer {loaded.identity} on {loaded.device}")
         outcome = run_tokenize(
-            ctx.root, dataset, config, loaded, run_id=ctx.record.run_id, force=force, reporter=ctx.reporter, runner=prefect_runner
+            ctx.root, dataset, config, loaded, run_id=ctx.record.run_id, force=force, reporter=ctx.reporter, runner=runner
         )
+        if dask:
+            outcome.summary.update(runner.summary())
         return record_outcome(ctx, "tokenize", outcome.summary, outcome.failures, outcome.errors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -44,13 +45,38 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _prefect_flow_run_id() -> str | None:
+def _prefect_flow_run() -> tuple[str | None, str | None]:
+    """The current Prefect flow run's id and its address in the Prefect UI (None outside a run;
+    the address only when a real server is configured)."""
     try:
         from prefect.runtime import flow_run
 
-        return str(flow_run.id) if flow_run.id else None
+        run_id = str(flow_run.id) if flow_run.id else None
+        # Prefect's temporary in-process server has no lasting address to link to.
+        url = flow_run.ui_url if run_id and os.environ.get("PREFECT_API_URL") else None
+        return run_id, (url if url and url.startswith("http") else None)
     except Exception:  # noqa: BLE001 - outside a flow run there is simply no id
-        return None
+        return None, None
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the MLflow UI shows a run: a URL for a tracking server, else the command that opens it."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"run {run_id} of experiment {experiment_id} (browse with `mlflow ui --backend-store-uri {tracking_uri}`)"
+
+
+def _link_in_prefect(url: str, stage: str, run_id: str) -> None:
+    """The MLflow run as a link artifact on the Prefect flow run, so the Prefect UI links to it."""
+    if not url.startswith("http"):
+        return
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(link=url, link_text=f"MLflow run of {stage}", key=f"mlflow-{stage}".replace("_", "-"),
+                             description=f"MLflow run {run_id}")
+    except Exception:  # noqa: BLE001 - the link is a convenience; the run goes on without it
+        pass
 
 
 def _experiment_id(root: DataRoot, name: str) -> str:
@@ -160,13 +186,15 @@ def tracked_run(
         dataset=dataset,
         config=config,
         parent_run_id=parent.run_id if parent else None,
-        prefect_flow_run_id=_prefect_flow_run_id(),
     )
+    record.prefect_flow_run_id, prefect_url = _prefect_flow_run()
     tags = {"vimpac.stage": stage, "vimpac.run_id": record.run_id}
     if dataset:
         tags["vimpac.dataset"] = dataset
     if record.prefect_flow_run_id:
         tags["prefect.flow_run_id"] = record.prefect_flow_run_id
+    if prefect_url:
+        tags["prefect.flow_run_url"] = prefect_url
     active = mlflow.active_run()
     # A nested run must live in its parent's experiment.
     exp_id = active.info.experiment_id if parent is not None and active is not None else _experiment_id(root, experiment)
@@ -181,9 +209,9 @@ def tracked_run(
         save_run(root, record)
         mlflow.log_params(flatten(config))
         mlflow.log_dict(config, "config.json")
-        logger.info(
-            f"{stage} run {record.run_id}: MLflow run {run.info.run_id} in experiment {experiment!r} at {mlflow.get_tracking_uri()}"
-        )
+        url = mlflow_run_url(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id)
+        logger.info(f"{stage} run {record.run_id}: MLflow run {run.info.run_id} ({url})")
+        _link_in_prefect(url, stage, run.info.run_id)
         reporter = FlowReporter(logger, run.info.run_id)
         artifact_dir = root.tmp / "artifacts" / record.run_id
         artifact_dir.mkdir(parents=True, exist_ok=True)

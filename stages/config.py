@@ -389,6 +389,13 @@ class PipelineConfig(StrictModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    dask: str | None = operational(
+        None,
+        description="Run the data stages' units (ingest batches, frame shards, token shards) on a Dask cluster: "
+        "`local` (a local cluster, one worker process per core, at most the stage's `workers`), `local:N` (N worker "
+        "processes) or a scheduler address (`tcp://host:8786`); unset: threads in the flow process. Same output "
+        "either way; remote workers need the data root at the same path (docs/scale-out.md).",
+    )
 
     @field_validator("datasets")
     @classmethod

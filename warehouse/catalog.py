@@ -14,7 +14,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import pyarrow as pa
@@ -110,16 +110,33 @@ def view_ddl(root: DataRoot) -> list[str]:
 
 
 
-
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An advisory exclusive lock (one writer per catalog / per stage and dataset)."""
+def file_lock(path: Path, *, holder: str | None = None, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """An advisory exclusive lock (one writer per catalog / per stage and dataset).
+
+    `holder` (e.g. a run id and pid) is written into the lock file while it is held, so a
+    second process that has to wait can say whom it waits for (`on_wait` gets that text).
+    The lock dies with its process (flock), so a killed run never leaves a stale lock.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                f.seek(0)
+                on_wait(f.read().strip() or "another process")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if holder is not None:
+                f.seek(0)
+                f.truncate()
+                f.write(holder)
+                f.flush()
             yield
         finally:
+            if holder is not None:
+                f.truncate(0)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 

@@ -133,16 +133,42 @@ def load_pretrained_backbone(source: ModelSource) -> _Pretrained:
         raise ConfigError(f"model {source.ref}: {path} is an unfinished pretraining run's resume checkpoint; finish it first")
     meta = dict(ckpt.get("metadata") or {})
     state = {k[len("backbone."):]: v for k, v in strip_prefixes(ckpt["model"]).items() if k.startswith("backbone.")}
-    identity = meta.get("run_key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    identity = _model_identity(meta, path)
     preset = ((meta.get("config") or {}).get("model") or {}).get("preset")
     return _Pretrained(mcfg.backbone, state, identity, source.name or meta.get("run_name") or path.stem, meta.get("tokenizer"), preset)
 
 
+def _model_identity(meta: dict, path: Path) -> str:
+    """A pretrained model in cell keys: its pretrain run key, or the file's hash if made elsewhere."""
+    return meta.get("run_key") or hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def pretrained_identity(checkpoint: Path) -> tuple[str, str | None]:
+    """(identity, tokenizer) of a pretrain checkpoint as `finetune_cell` keys it, reading only its
+    metadata (memory-mapped: the weights are not loaded). ValueError for an unreadable file."""
+    path = _checkpoint_file(Path(checkpoint))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any load error means "not a readable checkpoint"
+        raise ValueError(f"pretrain checkpoint {path} is not readable: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT:
+        raise ValueError(f"{path} is not a {PRETRAIN_FORMAT} checkpoint")
+    meta = dict(ckpt.get("metadata") or {})
+    return _model_identity(meta, path), meta.get("tokenizer")
+
+
 def _tokenizer(root: DataRoot, dataset: str, cfg: FinetuneConfig, pretrained: _Pretrained | None, ref: str) -> str:
+    return cell_tokenizer(root, dataset, cfg, pretrained.tokenizer if pretrained else None, pretrained is not None, ref)
+
+
+def cell_tokenizer(root: DataRoot, dataset: str, cfg: FinetuneConfig, pretrained_tokenizer: str | None, pretrained: bool,
+                   ref: str) -> str:
+    """Whose token shards a cell uses: the config's tokenizer, else the pretrained model's, else
+    the only one the dataset has (read-only; ConfigError naming the problem otherwise)."""
     available = dataset_tokenizers(root, dataset)
     if not available:
         raise ConfigError(f"dataset {dataset} has no token shards (run the tokenize stage on it first)")
-    wanted = cfg.tokenizer or (pretrained.tokenizer if pretrained else None)
+    wanted = cfg.tokenizer or (pretrained_tokenizer if pretrained else None)
     if wanted:
         if wanted not in available:
             whose = f"model {ref} was pretrained on tokens of {wanted}" if pretrained and not cfg.tokenizer else f"tokenizer {wanted} was asked for"
@@ -205,6 +231,22 @@ def finetune_recipe(cfg: FinetuneConfig, preset: str, frames: int, size: int) ->
     return name if config_hash(as_preset) == config_hash(cfg) else f"{name}+{config_hash(cfg)[:6]}"
 
 
+def cell_keys(cfg: FinetuneConfig, pretrain_identity: str, dataset: str, selection: SplitSelection, tokenizer: str,
+              world_size: int, protocol: Protocol) -> tuple[str, str]:
+    """(fine-tune run key, eval id) of a cell: what `finetune_cell` checks before doing any work
+    (a cell whose eval id has results is cached). Pure: `vimpac plan` calls it too."""
+    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), pretrain_identity, dataset, selection.split, _fingerprint(selection.shards),
+                           tokenizer, world_size, selection.classes], separators=(",", ":"))
+    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    eval_id = hashlib.sha256(json.dumps([run_key, protocol.name, EVAL_VERSION]).encode()).hexdigest()[:16]
+    return run_key, eval_id
+
+
+def scratch_identity(cfg: FinetuneConfig) -> str:
+    """What stands for the pretrained model in a from-scratch cell's key and results."""
+    return f"{SCRATCH}:{cfg.model.scratch_preset}"
+
+
 def existing_results(root: DataRoot, eval_id: str) -> dict[str, float]:
     return {m: v for m, v in Catalog(root).rows("SELECT metric, value FROM results WHERE eval_id = ?", [eval_id])}
 
@@ -234,11 +276,8 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     ccfg = _model_config(cfg, selection, pretrained, source.ref)
     frames, size = ccfg.backbone.frames, _frame_size(root, selection.shards)
     protocol = protocol_for(cfg, selection.flip_sensitive)
-    pretrain_identity = pretrained.identity if pretrained else f"{SCRATCH}:{cfg.model.scratch_preset}"
-    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), pretrain_identity, dataset, selection.split, _fingerprint(selection.shards),
-                           tokenizer, info.world_size, selection.classes], separators=(",", ":"))
-    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
-    eval_id = hashlib.sha256(json.dumps([run_key, protocol.name, EVAL_VERSION]).encode()).hexdigest()[:16]
+    pretrain_identity = pretrained.identity if pretrained else scratch_identity(cfg)
+    run_key, eval_id = cell_keys(cfg, pretrain_identity, dataset, selection, tokenizer, info.world_size, protocol)
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
     ft_recipe = finetune_recipe(cfg, preset, frames, size)
     result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, protocol.name,

@@ -78,6 +78,7 @@ class FramesPlan:
     new_videos: int
     skipped_videos: int  # failed/duplicate upstream
     forced: bool = False
+    planned_now: int = 0  # shards of new videos planned by this call (the last ones in `pending`)
 
     def describe(self) -> str:
         c = self.config
@@ -141,10 +142,16 @@ def _dataset_facts(root: DataRoot, dataset: str) -> tuple[bool, bool]:
     return (bool(rows[0][0]), bool(rows[0][1])) if rows else (False, False)
 
 
-def plan_frames(root: DataRoot, dataset: DatasetConfig, cfg: FramesConfig, *, force: bool = False) -> FramesPlan:
+def plan_frames(root: DataRoot, dataset: DatasetConfig, cfg: FramesConfig, *, force: bool = False, save: bool = True,
+                facts: tuple[bool, bool] | None = None) -> FramesPlan:
+    """The dataset's shards: those already planned (membership read back from their plan files)
+    and new ones for videos in no shard yet, saved as plan files unless `save` is false. With
+    `save=False` nothing in the data root is touched (`vimpac plan`): the same shards, unsaved.
+    `facts` = (labeled, flip_sensitive) as ingest is about to record them (default: the catalog's)."""
     catalog = Catalog(root)
-    catalog.ensure_tables()
-    labeled, recorded_flip = _dataset_facts(root, dataset.name)
+    if save:
+        catalog.ensure_tables()
+    labeled, recorded_flip = facts if facts is not None else _dataset_facts(root, dataset.name)
     # The flag given at ingest is recorded in `datasets`; either source can set it.
     flip_sensitive = dataset.flip_sensitive or recorded_flip
     cfg = resolve_config(dataset, cfg, labeled)
@@ -152,12 +159,17 @@ def plan_frames(root: DataRoot, dataset: DatasetConfig, cfg: FramesConfig, *, fo
     variant = variant_name(cfg, flip_sensitive)
     vdir = root.home / "shards" / STAGE / dataset.name / variant
     rel_vdir = f"shards/{STAGE}/{dataset.name}/{variant}"
-    usable = catalog.rows(
-        """SELECT video_id, sha256, raw_path, source, duration_s, coalesce(rotation, 0), codec, label
-           FROM videos WHERE dataset = ? AND status = 'ok' ORDER BY video_id""",
-        [dataset.name],
-    )
-    skipped = catalog.rows("SELECT count(*) FROM videos WHERE dataset = ? AND status <> 'ok'", [dataset.name])[0][0]
+    try:
+        usable = catalog.rows(
+            """SELECT video_id, sha256, raw_path, source, duration_s, coalesce(rotation, 0), codec, label
+               FROM videos WHERE dataset = ? AND status = 'ok' ORDER BY video_id""",
+            [dataset.name],
+        )
+        skipped = catalog.rows("SELECT count(*) FROM videos WHERE dataset = ? AND status <> 'ok'", [dataset.name])[0][0]
+    except FileNotFoundError:
+        if save:
+            raise
+        usable, skipped = [], 0  # planning on a data root without a catalog yet: no videos
     plans = _load_plans(vdir)
     assigned = {(m.video_id, m.sha256) for p in plans for m in p.members}
     new = [
@@ -188,14 +200,14 @@ def plan_frames(root: DataRoot, dataset: DatasetConfig, cfg: FramesConfig, *, fo
     new_plans = []
     for i, members in enumerate(chunks):
         new_plans.append(ShardPlan(next_number + i, _unit_key(variant, members), members, rel_vdir))
-    for p in new_plans:
+    for p in new_plans if save else []:
         vdir.mkdir(parents=True, exist_ok=True)
         _save_plan(vdir, p)
     all_plans = plans + new_plans
     pending = [p for p in all_plans if force or not stats_path(vdir / f"{p.name}.tar").exists()]
     return FramesPlan(
         dataset, cfg, flip_sensitive, names, rel_vdir, pending, committed=len(all_plans) - len(pending), new_videos=len(new),
-        skipped_videos=int(skipped), forced=force,
+        skipped_videos=int(skipped), forced=force, planned_now=len(new_plans),
     )
 
 

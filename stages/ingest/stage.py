@@ -51,6 +51,10 @@ class IngestPlan:
     batches: list[Batch]
     cached: int
     reasons: Counter = field(default_factory=Counter)
+    # Entries new to the catalog, and entries whose source fingerprint changed, counted whatever
+    # they run for (also under --force): what may bring new content to the later stages.
+    new_inputs: int = 0
+    changed_inputs: int = 0
 
     @property
     def pending(self) -> int:
@@ -73,8 +77,9 @@ def entry_key(dataset: str, entry: Entry, cfg_hash: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _existing(root: DataRoot, dataset: str) -> dict[str, dict]:
-    """The latest committed row of every video already in the catalog for this dataset."""
+def _existing(root: DataRoot, dataset: str, *, read_only: bool = False) -> dict[str, dict]:
+    """The latest committed row of every video already in the catalog for this dataset.
+    `read_only`: touch nothing in the data root (`vimpac plan`); no catalog yet means no rows."""
     sql = """SELECT video_id, status, retryable, fingerprint, config_hash, code_version, entry_key
              FROM (SELECT * FROM videos_log SEMI JOIN shards s
                    ON s.stage = 'ingest' AND s.dataset = videos_log.dataset AND s.unit = videos_log.unit)
@@ -82,19 +87,32 @@ def _existing(root: DataRoot, dataset: str) -> dict[str, dict]:
              QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY ingested_at DESC, unit DESC) = 1"""
     cols = ["video_id", "status", "retryable", "fingerprint", "config_hash", "code_version", "entry_key"]
     catalog = Catalog(root)
-    catalog.ensure_tables()
-    return {r[0]: dict(zip(cols, r)) for r in catalog.rows(sql, [dataset])}
+    if read_only:
+        try:
+            rows = catalog.rows(sql, [dataset])
+        except FileNotFoundError:
+            return {}
+    else:
+        catalog.ensure_tables()
+        rows = catalog.rows(sql, [dataset])
+    return {r[0]: dict(zip(cols, r)) for r in rows}
 
 
-def plan_ingest(root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, force: bool = False) -> IngestPlan:
+def plan_ingest(root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, force: bool = False,
+                read_only: bool = False) -> IngestPlan:
+    """What a run would ingest and why. `read_only` plans without writing anything to the
+    data root (`vimpac plan`); the batches are the same."""
     listing = list_source(dataset, cfg)
     cfg_hash = config_hash(cfg)
-    existing = _existing(root, dataset.name)
+    existing = _existing(root, dataset.name, read_only=read_only)
     pending: list[tuple[str, Entry]] = []
     reasons: Counter = Counter()
+    new_inputs = changed_inputs = 0
     for e in listing.entries:
         key = entry_key(dataset.name, e, cfg_hash)
         prev = existing.get(e.video_id)
+        new_inputs += prev is None
+        changed_inputs += prev is not None and prev["fingerprint"] != e.fingerprint
         if force:
             reason = "forced"
         elif prev is None:
@@ -119,7 +137,8 @@ def plan_ingest(root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, fo
         chunk = pending[i : i + cfg.batch_size]
         unit = hashlib.sha256(json.dumps([k for k, _ in chunk]).encode()).hexdigest()[:16]
         batches.append(Batch(unit=unit, entries=[e for _, e in chunk]))
-    return IngestPlan(dataset, listing, cfg_hash, batches, cached=len(listing.entries) - len(pending), reasons=reasons)
+    return IngestPlan(dataset, listing, cfg_hash, batches, cached=len(listing.entries) - len(pending), reasons=reasons,
+                      new_inputs=new_inputs, changed_inputs=changed_inputs)
 
 
 def _limits(cfg: IngestConfig) -> FetchLimits:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -356,25 +357,60 @@ def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, report
     return result
 
 
-def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter: Reporter, force: bool,
-              max_steps: int | None, info: D.DistInfo) -> PretrainResult:
+@dataclass
+class PretrainRun:
+    """Which training run a config and the committed token shards make: its key and folder."""
+
+    run_key: str
+    data_fingerprint: str
+    tokenizer: str
+    shards: list[TokenShard]
+    run_dir: Path
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def finished(self) -> bool:
+        """A finished run key is not trained again unless forced."""
+        return self.final.exists()
+
+
+def pretrain_run(root: DataRoot, datasets: list[str], cfg: PretrainConfig, world_size: int | None = None) -> PretrainRun:
+    """The run key `pretrain` would use (code version, config, token shards, tokenizer, world
+    size), read-only: no training, nothing written. `world_size` defaults to torchrun's
+    WORLD_SIZE (1 without torchrun). ConfigError when the token shards do not form a corpus."""
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         shards = token_shards(root, datasets, cfg.tokenizer or None)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tokenizer = shards[0].tokenizer
+    fingerprint = _fingerprint(shards)
+    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, tokenizer, world_size], separators=(",", ":"))
+    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    return PretrainRun(run_key, fingerprint, tokenizer, shards, root.home / "checkpoints" / "pretrain" / run_key)
+
+
+def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter: Reporter, force: bool,
+              max_steps: int | None, info: D.DistInfo) -> PretrainResult:
+    planned = pretrain_run(root, datasets, cfg, info.world_size)
+    shards, tokenizer, fingerprint, run_key = planned.shards, planned.tokenizer, planned.data_fingerprint, planned.run_key
     n_codes, grid = shards[0].codebook_size, shards[0].grid
     if grid[0] != grid[1]:
         raise ConfigError(f"token grids must be square for the factorized positional tables, got {grid[0]}x{grid[1]}")
     size = _frame_size(root, shards)
-    fingerprint = _fingerprint(shards)
     mcfg = model_config(cfg, n_codes, grid[0])
     bcfg = mcfg.backbone
     name = run_name(cfg, size)
-    key_blob = json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, tokenizer, info.world_size], separators=(",", ":"))
-    run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
-    run_dir = root.home / "checkpoints" / "pretrain" / run_key
-    final, last = run_dir / "final.pt", run_dir / "last.pt"
+    run_dir = planned.run_dir
+    final, last = planned.final, planned.last
     if force and info.is_main:
         final.unlink(missing_ok=True)
         last.unlink(missing_ok=True)

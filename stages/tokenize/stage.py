@@ -109,18 +109,32 @@ def plan_tokenize(
     failed = Catalog(root).rows(
         "SELECT count(*) FROM frame_samples WHERE dataset = ? AND status = 'failed'", [dataset.name]
     )[0][0]
+    pending, cached = token_units(root, dataset.name, cfg, tokenizer.identity, shards, force=force)
+    return TokenizePlan(dataset, cfg, tokenizer.identity, pending, cached, int(failed))
+
+
+def token_shard_path(dataset: str, frames_shard: str, identity: str) -> str:
+    """Where the token shard of one frame shard (tar path relative to the data root) goes."""
+    frames_dir = Path(frames_shard).parent.name
+    return f"shards/tokens/{dataset}/{frames_dir}--tok-{_tok_hash(identity)}/{Path(frames_shard).stem}.tar"
+
+
+def token_units(root: DataRoot, dataset: str, cfg: TokenizeConfig, identity: str, shards: list[FrameShard], *,
+                force: bool = False) -> tuple[list[TokenUnit], int]:
+    """(units to tokenize, shards cached) for these frame shards and this tokenizer identity. A
+    token shard is done when its stats file exists: the output folder is keyed by the frames
+    variant and the tokenizer, so the same tokenizer over the same frames does no work. Reads
+    only (`vimpac plan` uses it without a loaded model)."""
     pending, cached = [], 0
     for s in shards:
-        number = Path(s.path).stem
-        frames_dir = Path(s.path).parent.name
-        out_dir = f"shards/tokens/{dataset.name}/{frames_dir}--tok-{_tok_hash(tokenizer.identity)}"
-        unit = hashlib.sha256(json.dumps([CODE_VERSION, s.unit, tokenizer.identity, config_hash(cfg)]).encode()).hexdigest()[:16]
-        done = stats_path(root.home / out_dir / f"{number}.tar").exists()
+        path = token_shard_path(dataset, s.path, identity)
+        unit = hashlib.sha256(json.dumps([CODE_VERSION, s.unit, identity, config_hash(cfg)]).encode()).hexdigest()[:16]
+        done = stats_path(root.home / path).exists()
         if done and not force:
             cached += 1
             continue
-        pending.append(TokenUnit(s, number, unit, out_dir))
-    return TokenizePlan(dataset, cfg, tokenizer.identity, pending, cached, int(failed))
+        pending.append(TokenUnit(s, Path(path).stem, unit, str(Path(path).parent)))
+    return pending, cached
 
 
 @torch.no_grad()

@@ -102,6 +102,38 @@ def _run_key(cfg: TokenizerConfig, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass
+class TokenizerRun:
+    """Which training run a config and the committed frames make: its key and folder."""
+
+    run_key: str
+    data_fingerprint: str
+    shards: list[FrameShard]
+    run_dir: Path
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def finished(self) -> bool:
+        """A finished `final.pt` means the run is done: training it again does nothing."""
+        return self.final.exists()
+
+
+def tokenizer_run(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, frame_size: int | None = None) -> TokenizerRun:
+    """The run key `train_tokenizer` would use (code version, config, the frame shards' units),
+    read-only: no training, nothing written. ValueError when a dataset has no frame shards."""
+    shards = _select_shards(root, datasets, cfg.size or frame_size)
+    fingerprint = _fingerprint(shards)
+    run_key = _run_key(cfg, fingerprint)
+    return TokenizerRun(run_key, fingerprint, shards, root.home / "checkpoints" / "tokenizer" / run_key)
+
+
 def _epoch_batches(root: DataRoot, shards: list[FrameShard], view: str, batch_size: int, buffer_size: int,
                    rng: np.random.Generator) -> Iterator[np.ndarray]:
     """One pass over every frame, shuffled through a buffer: (B, S, S, 3) uint8 batches.
@@ -178,11 +210,9 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
     reporter = reporter or Reporter()
     if not datasets:
         raise ValueError("train_tokenizer needs at least one dataset")
-    shards = _select_shards(root, datasets, cfg.size or frame_size)
-    fingerprint = _fingerprint(shards)
-    run_key = _run_key(cfg, fingerprint)
-    run_dir = root.home / "checkpoints" / "tokenizer" / run_key
-    final, last, grid = run_dir / "final.pt", run_dir / "last.pt", run_dir / "grid.png"
+    planned = tokenizer_run(root, datasets, cfg, frame_size)
+    shards, fingerprint, run_key, run_dir = planned.shards, planned.data_fingerprint, planned.run_key, planned.run_dir
+    final, last, grid = planned.final, planned.last, run_dir / "grid.png"
     if force:
         for path in (final, last):
             path.unlink(missing_ok=True)
