@@ -189,6 +189,17 @@ def load_grid(path: Path, overrides: list[str]) -> GridConfig:
     return build(GridConfig, data, grid_keys)
 
 
+def _pipeline_presets(args: argparse.Namespace) -> dict[str, str]:
+    """`--preset STAGE=NAME` flags of pipeline-wide commands."""
+    presets = {}
+    for item in args.preset or []:
+        stage, sep, name = item.partition("=")
+        if not sep:
+            raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
+        presets[stage] = name
+    return presets
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if getattr(args, "dask", None) and args.stage not in ("ingest", "frames", "tokenize", "pipeline"):
@@ -205,13 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stage == "finetune":
         return _finetune_one(args, overrides)
     if args.stage == "pipeline":
-        presets = {}
-        for item in args.preset or []:
-            stage, sep, name = item.partition("=")
-            if not sep:
-                raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
-            presets[stage] = name
-        cfg = resolve_pipeline(args.config, overrides + ([f"dask={args.dask}"] if getattr(args, "dask", None) else []), presets)
+        dask = [f"dask={args.dask}"] if getattr(args, "dask", None) else []
+        cfg = resolve_pipeline(args.config, overrides + dask, _pipeline_presets(args))
         if not cfg.datasets:
             raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
         root, flows = _flows(args.home)
@@ -445,12 +451,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     writes nothing to the data root (docs/plan.md)."""
     from stages.plan import plan_pipeline
 
-    presets = {}
-    for item in args.preset or []:
-        stage, sep, name = item.partition("=")
-        if not sep:
-            raise ConfigError(f"pipeline presets are STAGE=NAME, got {item!r}")
-        presets[stage] = name
+    presets = _pipeline_presets(args)
     cfg = resolve_pipeline(args.config, list(args.set or []), presets)
     if not cfg.datasets:
         raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
