@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,14 +106,53 @@ def _stop(svc: Service, grace_s: float = 20.0) -> None:
             continue
 
 
-def running_servers(root: DataRoot) -> dict | None:
-    """What `vimpac server` wrote for this data root, if those servers still answer."""
+class ServerNotAnswering(RuntimeError):
+    """`vimpac server` runs for this data root but its Prefect server does not answer."""
+
+
+def _server_process_alive(info: dict) -> bool | None:
+    """Whether the `vimpac server` that wrote `info` still runs: None when it ran on another
+    machine (a data root on shared storage), where its process cannot be checked."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    try:
+        cmdline = Path(f"/proc/{info['pid']}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    # A recycled pid belongs to some other program.
+    return b"server" in cmdline
+
+
+def running_servers(root: DataRoot, *, patience_s: float = 30.0) -> dict | None:
+    """What `vimpac server` wrote for this data root, if those servers still run.
+
+    A server busy with a large flow run can take seconds to answer, and a command that gave
+    up on it would silently run against a private temporary server instead, invisible in the
+    UI. So while the `vimpac server` process is alive its servers get `patience_s` to answer,
+    and then this raises ServerNotAnswering rather than guessing. A file left by a server
+    that is gone is ignored."""
     path = root.home / SERVERS_FILE
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return info if healthy(info.get("prefect_api_url", "") + "/health", timeout=0.5) else None
+    health = info.get("prefect_api_url", "") + "/health"
+    alive = _server_process_alive(info)
+    if alive is False:
+        return None
+    deadline = time.monotonic() + (patience_s if alive else 0.0)
+    while True:
+        if healthy(health, timeout=5.0):
+            return info
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if alive is None:
+        return None
+    raise ServerNotAnswering(
+        f"`vimpac server` (pid {info['pid']}) runs for data root {root.home} but its Prefect server at {health} "
+        f"did not answer within {patience_s:.0f} s; see {root.home / 'logs' / 'prefect-server.log'}, or stop that "
+        f"`vimpac server` (Ctrl-C) to run without it")
 
 
 def run_servers(root: DataRoot, host: str = "127.0.0.1", prefect_port: int = 4200, mlflow_port: int = 5000, *,
@@ -163,7 +203,7 @@ def run_servers(root: DataRoot, host: str = "127.0.0.1", prefect_port: int = 420
             return 0
         prefect, mlflow = svcs
         info = {"prefect_ui_url": prefect.url, "prefect_api_url": f"{prefect.url}/api", "mlflow_url": mlflow.url,
-                "pid": os.getpid(), "home": str(root.home)}
+                "pid": os.getpid(), "host": socket.gethostname(), "home": str(root.home)}
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=1))
         tmp.replace(info_path)

@@ -118,20 +118,20 @@ def test_ui_run_of_pipeline_then_rerun_after_two_new_videos_runs_only_their_unit
         serve = _start(["serve", "--only", "pipeline", "--only", "frames"], home, serve_log)
         procs.append((serve, serve_log))
 
-        def deployment():
+        def deployments():
+            # `serve` registers deployments one by one: wait for both it was asked for.
             try:
-                return _api("GET", f"{api}/deployments/name/pipeline/vimpac")
+                return [_api("GET", f"{api}/deployments/name/{name}/vimpac") for name in ("pipeline", "frames")]
             except urllib.error.HTTPError:
                 return None
 
-        dep = _wait("the pipeline deployment", deployment, 180, procs)
+        dep, frames_dep = _wait("the pipeline and frames deployments", deployments, 180, procs)
         assert dep["tags"] == ["vimpac", "pipeline"] and "stages" in dep["description"]
         # The form: a schema for the typed config, with descriptions, filled with the defaults.
         schema = dep["parameter_openapi_schema"]
         frames_schema = schema["definitions"]["FramesConfig"]["properties"]
         assert "description" in frames_schema["fps"] and frames_schema["size"]["default"] == 128
         assert dep["parameters"]["config"]["frames"]["fps"] == 2.0 and dep["parameters"]["home"] == str(home)
-        frames_dep = _api("GET", f"{api}/deployments/name/frames/vimpac")
         assert frames_dep["parameters"]["config"] == json.loads(PipelineConfig().frames.model_dump_json())
 
         # The full form as the UI submits it: every field, defaults included.
@@ -284,3 +284,35 @@ def test_every_stage_is_a_deployment_with_a_described_form(tmp_path):
         required = {"dataset": {"name": "x", "source": "/videos"}, "grid": {"name": "g", "models": ["scratch"], "datasets": ["x"]}}
         flow = _load_flow(SPECS[name].flow)
         flow.validate_parameters(d.parameters | {k: v for k, v in required.items() if k in schema["properties"]})
+
+
+def _servers_file(home: Path, **info) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()  # nothing listens there
+    (home / "servers.json").write_text(json.dumps({"prefect_api_url": f"http://127.0.0.1:{port}/api",
+                                                   "mlflow_url": f"http://127.0.0.1:{_free_port()}", **info}))
+
+
+def test_a_server_that_is_gone_is_ignored_and_one_that_hangs_is_an_error(tmp_path):
+    from flows.server import ServerNotAnswering, running_servers
+    from warehouse.layout import DataRoot
+
+    root = DataRoot(tmp_path / "home")
+    assert running_servers(root) is None, "no servers.json: no servers"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _servers_file(root.home, pid=dead.pid, host=socket.gethostname())
+    assert running_servers(root, patience_s=0.5) is None, "a crashed `vimpac server` left its file behind"
+    _servers_file(root.home, pid=os.getpid(), host="another-machine")
+    assert running_servers(root, patience_s=0.5) is None, "servers of another machine's data root are not ours to judge"
+
+    # Alive but not answering (overloaded, hung): an error that says so, not a silent run
+    # against a private temporary server the UI never shows.
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "server"])
+    try:
+        _servers_file(root.home, pid=hung.pid, host=socket.gethostname())
+        with pytest.raises(ServerNotAnswering, match=f"pid {hung.pid}.*did not answer"):
+            running_servers(root, patience_s=1.0)
+    finally:
+        hung.kill()
+        hung.wait()
