@@ -2,7 +2,7 @@
 # One entry point for people and CI. Creates ./.venv on first use (and refreshes it when
 # pyproject.toml changes), then runs a job:
 #   ./dev.sh demo [vimpac demo options]   the full pipeline on a generated demo corpus
-#   ./dev.sh test [pytest options]        the test suite
+#   ./dev.sh test [pytest options]        the test suite (2 parallel workers; -n 0: serial)
 #   ./dev.sh vimpac ARGS...               any vimpac command inside the environment
 #   ./dev.sh setup                        only create/refresh the environment
 # Environment: PYTHON (interpreter for the venv, default python3.11 or python3),
@@ -43,7 +43,11 @@ cmd=${1:-help}
 case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/vimpac" demo "$@" ;;
-  test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # Two pytest-xdist workers (one compute thread each, tests/conftest.py) where there are two
+  # cores; `./dev.sh test -n 0` runs serially, VIMPAC_TEST_WORKERS picks another count.
+  test) setup
+    workers=${VIMPAC_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 1) >= 2 ? 2 : 1 ))}
+    exec "$VENV/bin/python" -m pytest -n "$workers" --dist worksteal "$@" ;;
   vimpac) setup; exec "$VENV/bin/vimpac" "$@" ;;
   *) sed -n '2,12p' "$0"; exit 2 ;;
 esac

@@ -11,7 +11,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # One MLflow database for the whole session: creating a SQLite tracking store runs its
 # migrations (seconds), too slow to repeat per test. Tests that check the per-data-root
-# default run the CLI in a subprocess without this variable.
+# default run the CLI in a subprocess without this variable. Under pytest-xdist each worker
+# inherits the controller's environment, so a worker takes its own directory: two processes
+# migrating one fresh SQLite file race each other.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and "VIMPAC_TEST_TMP" in os.environ and not os.environ["VIMPAC_TEST_TMP"].endswith(f"-{_WORKER}"):
+    _inherited = os.environ.pop("VIMPAC_TEST_TMP")
+    if os.environ.get("MLFLOW_TRACKING_URI") == f"sqlite:///{Path(_inherited) / 'mlflow.db'}":
+        del os.environ["MLFLOW_TRACKING_URI"]
+    os.environ["VIMPAC_TEST_TMP"] = f"{_inherited}-{_WORKER}"
+if _WORKER:
+    # Two workers on two cores: one compute thread each. OpenMP threads that spin-wait for a
+    # core the other worker holds make a run several times slower (measured: 22 CPU-minutes
+    # for 13 with two threads per worker). Subprocesses (CLI runs, torchrun ranks) inherit it.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 _SESSION_DIR = Path(os.environ.setdefault("VIMPAC_TEST_TMP", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"vimpac-tests-{os.getpid()}")))
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SESSION_DIR / 'mlflow.db'}")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -21,6 +35,18 @@ from http_fixtures import http_server  # noqa: E402,F401  (fixture)
 from media_fixtures import make_video  # noqa: E402
 
 from warehouse.layout import DataRoot  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`longest` tests first, then modules with end-to-end (`slow`) tests, each module kept
+    together: with two pytest-xdist workers (the README's test command) the long ones start
+    at once and the quick ones fill the other worker, instead of a long test starting last."""
+
+    def module(item) -> str | None:
+        return getattr(getattr(item, "module", None), "__name__", None)
+
+    marked = {name: {module(i) for i in items if i.get_closest_marker(name)} - {None} for name in ("longest", "slow")}
+    items.sort(key=lambda item: 0 if module(item) in marked["longest"] else 1 if module(item) in marked["slow"] else 2)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from stages.config import resolve_pipeline
 from stages.demo_data import generate_demo_corpus
 from warehouse.catalog import Catalog
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.longest]
 
 
 def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect_harness, tmp_path):
@@ -25,7 +25,7 @@ def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect
     datasets = generate_demo_corpus(tmp_path / "corpus", seed=0)
     cfg = resolve_pipeline(demo_pipeline_file(tmp_path / "corpus", datasets))
     # The pretraining set and one labeled set (fewer fine-tuning epochs than the demo: CI time).
-    evaluate = cfg.evaluate.model_copy(update={"set": ["train.epochs=10"]})
+    evaluate = cfg.evaluate.model_copy(update={"set": ["train.epochs=4"]})
     cfg = cfg.model_copy(update={"datasets": [d for d in cfg.datasets if d.name in ("demo-pretrain", "demo-motion")],
                                  "evaluate": evaluate})
     summaries = pipeline(cfg, str(home))
