@@ -1,4 +1,5 @@
-"""Retake the README's UI screenshots: docs/ui-prefect-run-form.png and docs/ui-mlflow-run.png.
+"""Retake the README's UI screenshots: docs/ui-prefect-run-form.png, docs/ui-mlflow-run.png and
+docs/ui-prefect-flow-run.png.
 
     python docs/screenshots.py [--home /tmp/vimpac-shots] [--skip-run]
 
@@ -107,7 +108,7 @@ def main() -> int:
         from mlflow.tracking import MlflowClient
 
         experiment = MlflowClient(tracking_uri=info["mlflow_url"]).get_run(mlflow_run).info.experiment_id
-        screenshot(f"{info['mlflow_url']}/#/experiments/{experiment}/runs/{mlflow_run}", args.out / "ui-mlflow-run.png",
+        screenshot(f"{info['mlflow_url']}/#/experiments/{experiment}/runs/{mlflow_run}?workflowType=machine_learning", args.out / "ui-mlflow-run.png",
                    size="1440,1100")
         screenshot(f"{ui}/runs/flow-run/{run['id']}", args.out / "ui-prefect-flow-run.png", size="1440,1100")
         return 0

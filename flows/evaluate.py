@@ -25,7 +25,7 @@ from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
 from flows.registry import download_version
-from flows.stage_flow import run_lock
+from flows.stage_flow import run_lock, run_name_from
 from flows.tracking import tracked_run
 
 
@@ -100,7 +100,7 @@ def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool
         return summary
 
 
-@flow(name="evaluate", description="Fine-tune every (model, dataset, split, preset) cell of a grid and evaluate it with multi-view "
+@flow(name="evaluate", flow_run_name=run_name_from("evaluate", "grid"), description="Fine-tune every (model, dataset, split, preset) cell of a grid and evaluate it with multi-view "
       "testing; results go to the catalog's results/predictions views. Finished cells are skipped.")
 def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> dict:
     """Fine-tune and evaluate every cell of a grid not in the results table yet.

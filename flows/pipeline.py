@@ -19,6 +19,7 @@ from flows.evaluate import evaluate
 from flows.frames import frames
 from flows.ingest import ingest
 from flows.pretrain import pretrain
+from flows.stage_flow import run_name_from
 from flows.tokenizer import tokenize, tokenizer
 from flows.tracking import tracked_run
 
@@ -60,7 +61,7 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
                       set=stage.set, parallel=stage.parallel, experiment=config.tracking.experiment)
 
 
-@flow(name="pipeline", description="Run the configured stages (in DAG order) over the configured datasets.")
+@flow(name="pipeline", flow_run_name=run_name_from("pipeline", "config"), description="Run the configured stages (in DAG order) over the configured datasets.")
 def pipeline(config: PipelineConfig, home: str | None = None, force: bool = False) -> dict:
     """Every configured stage in DAG order, under one parent MLflow run.
 

@@ -21,14 +21,15 @@ from warehouse.runs import mark_crashed_runs
 from flows.tracking import StageContext, tracked_run
 
 
-def run_name_from(stage: str):
-    """A flow_run_name callable: `<stage>-<dataset name>`."""
+def run_name_from(stage: str, parameter: str = "dataset"):
+    """A flow_run_name callable: `<stage>-<name of the parameter>` (a dataset's, a grid's or a
+    pipeline's name), so runs read apart in the UI's list and timeline."""
 
     def name() -> str:
         from prefect.runtime import flow_run
 
-        ds = flow_run.parameters.get("dataset")
-        return f"{stage}-{ds.get('name') if isinstance(ds, dict) else getattr(ds, 'name', '?')}"
+        value = flow_run.parameters.get(parameter)
+        return f"{stage}-{value.get('name') if isinstance(value, dict) else getattr(value, 'name', '?')}"
 
     return name
 

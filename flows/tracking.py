@@ -62,7 +62,8 @@ def _prefect_flow_run() -> tuple[str | None, str | None]:
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where the MLflow UI shows a run: a URL for a tracking server, else the command that opens it."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        # MLflow 3's UI opens in its GenAI layout (traces, judges) unless told otherwise.
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     return f"run {run_id} of experiment {experiment_id} (browse with `mlflow ui --backend-store-uri {tracking_uri}`)"
 
 
@@ -89,7 +90,9 @@ def _experiment_id(root: DataRoot, name: str) -> str:
     # current directory is; keep them in the data root instead.
     location = artifact_root(root) if mlflow.get_tracking_uri().startswith("sqlite:") else None
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        # The kind tag makes MLflow's UI show the experiment as model training ("Training
+        # runs") instead of asking its type on the first visit.
+        return mlflow.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception:  # noqa: BLE001 - created meanwhile by another process
         return mlflow.get_experiment_by_name(name).experiment_id
 

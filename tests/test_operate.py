@@ -142,6 +142,7 @@ def test_ui_run_of_pipeline_then_rerun_after_two_new_videos_runs_only_their_unit
         )
         params = {"config": cfg.model_dump(mode="json"), "home": str(home), "force": False}
         first = _run_deployment(api, dep["id"], params, procs)
+        assert first["name"] == "pipeline-ui-e2e", "in the UI's run list a run is named after its pipeline"
 
         catalog = Catalog(home)
         assert catalog.rows("SELECT count(*) FROM videos WHERE dataset = 'clips' AND status = 'ok'")[0][0] == 6
@@ -167,7 +168,8 @@ def test_ui_run_of_pipeline_then_rerun_after_two_new_videos_runs_only_their_unit
             assert ml_child.data.tags["prefect.flow_run_id"] == child["prefect_flow_run_id"]
         # ...and the Prefect run's logs name its MLflow run, with a link to it.
         logs = _api("POST", f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [first["id"]]}}})
-        link = f"http://127.0.0.1:{mlflow_port}/#/experiments/{ml_parent.info.experiment_id}/runs/{parent['mlflow_run_id']}"
+        link = f"http://127.0.0.1:{mlflow_port}/#/experiments/{ml_parent.info.experiment_id}/runs/{parent['mlflow_run_id']}?workflowType=machine_learning"
+        assert client.get_experiment(ml_parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
         assert any(link in entry["message"] for entry in logs)
         first_tasks = _unit_task_names(api, first["id"])
         assert len(first_tasks["ingest-clips"]) == 3 and len(first_tasks["frames-clips"]) == 2
