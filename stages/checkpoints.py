@@ -7,11 +7,36 @@ import os
 import random
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+
+
+@dataclass
+class KeyedRun:
+    """A training run named by its key (code version, config, data): its checkpoints live in
+    `run_dir`, `last.pt` while it trains and `final.pt` once it is done. A finished key is
+    not trained again unless forced."""
+
+    run_key: str
+    data_fingerprint: str
+    run_dir: Path
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / "final.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def finished(self) -> bool:
+        return self.final.exists()
 
 
 def strip_prefixes(state: dict) -> dict:

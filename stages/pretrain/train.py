@@ -36,7 +36,7 @@ from models.backbone import PRESETS as BACKBONES
 from models.backbone import flops_per_clip, load_state_resized
 from models.masking import block_mask, blocks_for_ratio, corrupt, iid_mask
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer
-from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, token_shards
@@ -358,27 +358,11 @@ def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, report
 
 
 @dataclass
-class PretrainRun:
+class PretrainRun(KeyedRun):
     """Which training run a config and the committed token shards make: its key and folder."""
 
-    run_key: str
-    data_fingerprint: str
     tokenizer: str
     shards: list[TokenShard]
-    run_dir: Path
-
-    @property
-    def final(self) -> Path:
-        return self.run_dir / "final.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.run_dir / "last.pt"
-
-    @property
-    def finished(self) -> bool:
-        """A finished run key is not trained again unless forced."""
-        return self.final.exists()
 
 
 def pretrain_run(root: DataRoot, datasets: list[str], cfg: PretrainConfig, world_size: int | None = None) -> PretrainRun:
@@ -395,7 +379,8 @@ def pretrain_run(root: DataRoot, datasets: list[str], cfg: PretrainConfig, world
     fingerprint = _fingerprint(shards)
     key_blob = json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, tokenizer, world_size], separators=(",", ":"))
     run_key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
-    return PretrainRun(run_key, fingerprint, tokenizer, shards, root.home / "checkpoints" / "pretrain" / run_key)
+    return PretrainRun(run_key=run_key, data_fingerprint=fingerprint, run_dir=root.home / "checkpoints" / "pretrain" / run_key,
+                       tokenizer=tokenizer, shards=shards)
 
 
 def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter: Reporter, force: bool,

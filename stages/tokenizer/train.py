@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from models.vqvae import PRESETS, VQVAE
-from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, resolve_device, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, resolve_device, rng_states, set_rng_states, strip_prefixes
 from stages.config import TokenizerConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
 from stages.reporting import Reporter
@@ -103,26 +103,10 @@ def _run_key(cfg: TokenizerConfig, fingerprint: str) -> str:
 
 
 @dataclass
-class TokenizerRun:
+class TokenizerRun(KeyedRun):
     """Which training run a config and the committed frames make: its key and folder."""
 
-    run_key: str
-    data_fingerprint: str
     shards: list[FrameShard]
-    run_dir: Path
-
-    @property
-    def final(self) -> Path:
-        return self.run_dir / "final.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.run_dir / "last.pt"
-
-    @property
-    def finished(self) -> bool:
-        """A finished `final.pt` means the run is done: training it again does nothing."""
-        return self.final.exists()
 
 
 def tokenizer_run(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, frame_size: int | None = None) -> TokenizerRun:
@@ -131,7 +115,8 @@ def tokenizer_run(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, fra
     shards = _select_shards(root, datasets, cfg.size or frame_size)
     fingerprint = _fingerprint(shards)
     run_key = _run_key(cfg, fingerprint)
-    return TokenizerRun(run_key, fingerprint, shards, root.home / "checkpoints" / "tokenizer" / run_key)
+    return TokenizerRun(run_key=run_key, data_fingerprint=fingerprint, run_dir=root.home / "checkpoints" / "tokenizer" / run_key,
+                        shards=shards)
 
 
 def _epoch_batches(root: DataRoot, shards: list[FrameShard], view: str, batch_size: int, buffer_size: int,
