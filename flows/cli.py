@@ -275,7 +275,7 @@ def _finetune_one(args: argparse.Namespace, overrides: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) > 0:
         from stages.finetune.train import ModelSource, finetune_cell
 
-        from flows.evaluate import expand_grid
+        from stages.finetune.grid import expand_grid
 
         cell = expand_grid(grid)[0]
         ref = cell.model.ref

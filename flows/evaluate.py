@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stages.config import ConfigError, FinetuneConfig, GridConfig, GridModel, build, deep_merge, preset
+from stages.config import ConfigError, GridConfig, GridModel
+from stages.finetune.grid import Cell, expand_grid
 from stages.finetune.train import SCRATCH, ModelSource, finetune_cell
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -27,33 +27,6 @@ from warehouse.runs import mark_crashed_runs
 from flows.registry import download_version
 from flows.stage_flow import run_lock, run_name_from
 from flows.tracking import tracked_run
-
-
-@dataclass
-class Cell:
-    model: GridModel
-    dataset: str
-    split: str
-    preset: str
-    config: FinetuneConfig
-
-    @property
-    def label(self) -> str:
-        return f"{self.model.name or self.model.ref} | {self.dataset} | split {self.split} | {self.preset}"
-
-
-def expand_grid(grid: GridConfig) -> list[Cell]:
-    """Every cell with its validated fine-tune config; a bad preset or override fails the whole
-    grid up front (a typo should not cost the cells before it)."""
-    cells = []
-    for model in grid.models:
-        for ds in grid.datasets:
-            presets = [ds.preset] if ds.preset else [model.preset] if model.preset else grid.presets
-            for name in presets:
-                cfg = build(FinetuneConfig, deep_merge(preset("finetune", name), grid.finetune), grid.set)
-                for split in ds.splits:
-                    cells.append(Cell(model, ds.name, split, name, cfg))
-    return cells
 
 
 def resolve_model(model: GridModel) -> ModelSource:

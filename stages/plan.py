@@ -37,15 +37,14 @@ from stages.config import (
     DatasetConfig,
     FinetuneConfig,
     FramesConfig,
+    GridConfig,
     GridDataset,
     IngestConfig,
     PipelineConfig,
-    build,
     cache_dict,
     config_hash,
-    deep_merge,
-    preset,
 )
+from stages.finetune.grid import expand_grid
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -150,7 +149,7 @@ class PipelinePlan:
         if not pending and not failing:
             return f"plan: nothing to run, everything is cached ({cached} units); nothing was run"
         parts = [f"{s.stage} {s.dataset}: {s.to_run_text()}" for s in pending]
-        text = f"plan: {len(pending)} stage runs would do work ({'; '.join(parts)}); {cached} units cached"
+        text = f"plan: {len(pending)} stage runs would do work" + (f" ({'; '.join(parts)})" if parts else "") + f"; {cached} units cached"
         if failing:
             text += f"; {len(failing)} would fail ({', '.join(f'{s.stage} {s.dataset}' for s in failing)})"
         return text + "; nothing was run"
@@ -476,16 +475,23 @@ class _Planner:
 
     # ---------------------------------------------------------------- tokenizer (train)
 
+    def training_row(self, stage: str, chosen: list[str] | None) -> tuple[list[str], StagePlan | None]:
+        """The datasets a training stage (tokenizer, pretrain) would train on and its plan row;
+        no row (and a failing one recorded) when `<stage>.datasets` cannot be resolved."""
+        try:
+            datasets = self.pretraining_datasets(chosen, f"{stage}.datasets")
+        except ConfigError as e:
+            self.rows.append(StagePlan(stage, "-", "run", error=f"fails: {e}"))
+            return [], None
+        return datasets, StagePlan(stage, "+".join(datasets), "run")
+
     def tokenizer_stage(self) -> None:
         from stages.tokenizer.train import CODE_VERSION, tokenizer_run
 
         tcfg = self.cfg.tokenizer
-        try:
-            train_on = self.pretraining_datasets(tcfg.datasets, "tokenizer.datasets")
-        except ConfigError as e:
-            self.rows.append(StagePlan("tokenizer", "-", "run", error=f"fails: {e}"))
+        train_on, row = self.training_row("tokenizer", tcfg.datasets)
+        if row is None:
             return
-        row = StagePlan("tokenizer", "+".join(train_on), "run")
         self.tokenizer_row = row
         size = tcfg.size or self.cfg.frames.size
         changed = [d for d in train_on if (f := self.frames.get(d)) and f.size == size and f.new_hi]
@@ -627,12 +633,9 @@ class _Planner:
         from stages.pretrain.train import CODE_VERSION, pretrain_run, resolve_tokenizer_identity
 
         pcfg = self.cfg.pretrain
-        try:
-            pretrain_on = self.pretraining_datasets(pcfg.datasets, "pretrain.datasets")
-        except ConfigError as e:
-            self.rows.append(StagePlan("pretrain", "-", "run", error=f"fails: {e}"))
+        pretrain_on, row = self.training_row("pretrain", pcfg.datasets)
+        if row is None:
             return
-        row = StagePlan("pretrain", "+".join(pretrain_on), "run")
         self.pretrain_row = row
         if self.skip_blocked(row, pretrain_on):
             return
@@ -743,17 +746,16 @@ class _Planner:
                 r.skipped = f"skipped: an earlier stage fails for {', '.join(blocked)}"
             self.rows.extend(by_dataset.values())
             return
-        for m in models:
-            for gd in datasets:
-                names = [gd.preset] if gd.preset else [m.preset] if m.preset else stage.presets
-                for name in names:
-                    try:
-                        fcfg = build(FinetuneConfig, deep_merge(preset("finetune", name), stage.finetune), stage.set)
-                    except ConfigError as e:
-                        by_dataset[gd.name].error = f"fails: {e}"
-                        continue
-                    for split in gd.splits:
-                        self.cell(by_dataset[gd.name], m, gd.name, split, fcfg)
+        grid = GridConfig(name=self.cfg.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
+                          set=stage.set)
+        try:
+            cells = expand_grid(grid)
+        except ConfigError as e:  # as the evaluate flow: a bad preset or override fails the whole grid
+            cells = []
+            for r in by_dataset.values():
+                r.error = f"fails: {e}"
+        for c in cells:
+            self.cell(by_dataset[c.dataset], c.model, c.dataset, c.split, c.config)
         first = next(iter(by_dataset.values()))
         first.notes.extend(notes)
         self.rows.extend(by_dataset.values())

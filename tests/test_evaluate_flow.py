@@ -81,7 +81,7 @@ def test_one_failed_cell_does_not_lose_the_others(prefect_harness, root, grid_fi
 
 
 def test_grid_typos_fail_before_any_cell_runs(root, grid_file):
-    from flows.evaluate import expand_grid
+    from stages.finetune.grid import expand_grid
 
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         expand_grid(load_grid(grid_file, ["presets=[nope]"]))
