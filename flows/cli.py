@@ -298,21 +298,27 @@ def _finetune_one(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """The results grid like the paper's Table 7: rows = pretraining recipe, columns = datasets."""
+    """The results grid like the paper's Table 7: rows = pretraining recipe (and protocol),
+    columns = datasets, mean +- std over seeds; with --baseline, paired differences and 95% CIs."""
     from stages.evaluate.report import build_report
     from warehouse.catalog import Catalog
 
+    baseline = getattr(args, "baseline", None)  # callers from before --baseline pass no such field
     try:
-        report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid)
-    except ValueError as e:  # results exist, but none for this metric or grid: say which there are
+        report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid, baseline=baseline)
+    except ValueError as e:  # results exist, but none for this metric or grid (or no such baseline): say which there are
         raise ConfigError(str(e)) from None
     if not report.rows:
         print("no results yet (run `vimpac run evaluate --grid FILE`)")
         return 0
     _print_table(report.to_arrow(), report.title)
+    print(f"Metric: {report.caption()}.")
+    if baseline is not None:
+        _print_table(report.diff_to_arrow(), report.diff_title())
     out = Path(args.out) if args.out else DataRoot(args.home).home / "reports"
     out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"results-{args.grid or 'all'}-{args.metric}")
+    name = f"results-{args.grid or 'all'}-{args.metric}" + (f"-vs-{baseline}" if baseline is not None else "")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
     (out / f"{stem}.md").write_text(report.to_markdown())
     (out / f"{stem}.csv").write_text(report.to_csv())
     print(f"wrote {out / stem}.md and .csv")
@@ -557,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="top1", choices=["top1", "top5", "mean_class"])
     p.add_argument("--grid", help="only this grid's results (default: all)")
     p.add_argument("--out", type=Path, help="folder for the Markdown and CSV copies (default: <home>/reports)")
+    p.add_argument("--baseline", metavar="NAME",
+                   help="a row label or recipe (e.g. scratch): add each row's paired difference against it, with a 95%% "
+                        "confidence interval over seeds")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sql", parents=[common], help="query the catalog (read-only)")

@@ -22,7 +22,7 @@ import pyarrow as pa
 from warehouse.layout import DataRoot
 from warehouse.tables import SCHEMAS, ensure_schema_file, table_glob
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Public views and their column order (DESIGN.md "The catalog (SQL contract)"), extras after.
 VIDEOS_COLUMNS = (
@@ -30,6 +30,10 @@ VIDEOS_COLUMNS = (
     "ingested_at, splits, n_frames, rotation, container, has_video, has_audio, start_time_s, raw_path, error_code, retryable, "
     "unit, run_id, config_hash, code_version"
 )
+
+# A `results` row written before the method/view split (schema 5): no view_protocol, and a
+# view protocol name (or nothing) in `protocol`. Method names never start with a digit.
+_LEGACY_RESULT = "(view_protocol IS NULL AND (protocol IS NULL OR regexp_matches(protocol, '^[0-9]+x')))"
 
 
 def view_ddl(root: DataRoot) -> list[str]:
@@ -87,12 +91,17 @@ def view_ddl(root: DataRoot) -> list[str]:
                PARTITION BY t.dataset, t.video_id, t.tokenizer, t.variant, t.size, t.fps ORDER BY t.created_at DESC) = 1""",
         f"CREATE OR REPLACE VIEW results_log AS SELECT * FROM {src('results')}",
         # An evaluation redone (--force) writes a new file; the newest value per metric wins.
-        """CREATE OR REPLACE VIEW results AS
-           SELECT eval_id, dataset, split, pretrain_run, finetune_run, tokenizer, protocol, metric, value,
-                  pretrain_model, pretrain_recipe, finetune_recipe, grid, eval_split, train_split, n_videos, n_classes,
-                  token_shards, checkpoint, run_id, code_version, created_at
-           FROM results_log
-           QUALIFY row_number() OVER (PARTITION BY eval_id, metric ORDER BY created_at DESC) = 1""",
+        # `protocol` is the evaluation method, `view_protocol` the test-time views. A row written
+        # before schema 5 has no view_protocol and its views in `protocol` (a Protocol name,
+        # always "<clips>x...", e.g. 10x3): it was a fine-tuning, and reads as one.
+        f"""CREATE OR REPLACE VIEW results AS
+            SELECT eval_id, dataset, split, pretrain_run, finetune_run, tokenizer,
+                   CASE WHEN {_LEGACY_RESULT} THEN 'finetune' ELSE protocol END AS protocol,
+                   metric, value, pretrain_model, pretrain_recipe, finetune_recipe, grid, eval_split, train_split,
+                   n_videos, n_classes, token_shards, checkpoint, run_id, code_version, created_at,
+                   CASE WHEN {_LEGACY_RESULT} THEN protocol ELSE view_protocol END AS view_protocol, seed, n_train
+            FROM results_log
+            QUALIFY row_number() OVER (PARTITION BY eval_id, metric ORDER BY created_at DESC) = 1""",
         f"CREATE OR REPLACE VIEW predictions_log AS SELECT * FROM {src('predictions')}",
         # Predictions are written before their results file: only evaluations whose results
         # exist (committed) are visible, and of those the newest write.

@@ -175,6 +175,13 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("run_id", pa.string()),
             ("code_version", pa.string()),
             ("created_at", TS),
+            # `protocol` is the evaluation method (finetune, linear_probe:cls, knn:mean,
+            # bag_of_codes, ...) and `view_protocol` the test-time views (10x3, 4x1-center).
+            # Files written before these columns have the views in `protocol`: the `results`
+            # view reads them as protocol 'finetune' (warehouse/catalog.py).
+            ("view_protocol", pa.string()),
+            ("seed", pa.int64()),
+            ("n_train", pa.int64()),
         ]
     ),
     # One row per evaluated video: fused prediction plus every view's softmax scores, so a result
