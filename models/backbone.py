@@ -163,8 +163,8 @@ class MultiPatternAttention(nn.Module):
         rows = [a for a in (1, 2, 3) if a not in axes]
         order = (0, *rows, *axes, 4, 5)
         shape = q.shape
-        n_rows = b * math.prod(shape[a] for a in rows)
-        length = math.prod(shape[a] for a in axes)
+        n_rows = b * math.prod([shape[a] for a in rows])
+        length = math.prod([shape[a] for a in axes])
 
         def to_rows(x: torch.Tensor) -> torch.Tensor:
             return x.permute(order).reshape(n_rows, length, nh, hd)  # (N, L, h, d)
@@ -179,7 +179,7 @@ class MultiPatternAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0)
         out = out.transpose(1, 2)  # (N, 1+L, h, d)
         cls_out = out[:, 0].reshape(b, n_rows // b, nh, hd).mean(1)  # (B, h, d): [CLS] averaged over rows
-        grid = out[:, 1:].reshape(*(shape[a] for a in order[:-2]), nh, hd)
+        grid = out[:, 1:].reshape(*[shape[a] for a in order[:-2]], nh, hd)
         inverse = [order.index(i) for i in range(6)]
         return grid.permute(inverse), cls_out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -46,6 +47,11 @@ from warehouse.layout import DataRoot
 
 CODE_VERSION = "pretrain-1"
 FORMAT = "vimpac-pretrain"
+
+# DDP without buffer broadcasts at every forward: torch 2.13 names it forward_sync_buffers and
+# deprecates broadcast_buffers; older builds (2.11 on the GPU machine of issue 18) know only the latter.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
 
 # Dense bf16 tensor-core peaks (FLOP/s) for model FLOPs utilisation; unknown devices get none.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -474,8 +480,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             model.backbone.layers[i] = torch.compile(layer)
     if world > 1:
         # Global-batch BatchNorm keeps its running statistics identical on every rank already.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      forward_sync_buffers=False)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
 
     flops_step = 3 * 2 * flops_per_clip(bcfg, cfg.data.frames, grid[0], grid[1])  # per video: two clips, fwd + bwd
     peak = peak_flops(device)

@@ -18,7 +18,10 @@ import functools
 import hashlib
 import io
 import json
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +153,47 @@ def encode_frames(tokenizer: LoadedTokenizer, frames: np.ndarray, batch_size: in
     return torch.cat(out).numpy()
 
 
+def _read_ahead(videos: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Yield from `videos` while a thread reads and JPEG-decodes the next ones (at most `depth`
+    ahead), so the encoder does not wait for them: on an H200 the base tokenizer spent 40% of the
+    stage waiting on that (bench/RESULTS.md). A reading error is raised here, in loop order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def fill() -> None:
+        try:
+            for video in videos:
+                if not put((True, video)):
+                    return
+            put((True, end))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((False, e))
+
+    thread = threading.Thread(target=fill, name="tokenize-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        getattr(videos, "close", lambda: None)()
+
+
 def tokenize_shard(
     root: DataRoot, plan: TokenizePlan, tokenizer: LoadedTokenizer, unit: TokenUnit, *, run_id: str
 ) -> TokenShardResult:
@@ -163,7 +207,7 @@ def tokenize_shard(
     created = now()
     cfg_hash = config_hash(plan.config)
     try:
-        for video in read_shard(root, unit.frames):
+        for video in _read_ahead(read_shard(root, unit.frames)):
             views = video.meta["views"]
             stacked = np.stack([video.views[v] for v in views])  # (V, T, S, S, 3)
             v, t, s = stacked.shape[:3]
