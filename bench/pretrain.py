@@ -23,7 +23,9 @@ the way the authors' code does it, which differs in two ways (see TokenHead in m
   - attention is plain matmul + softmax (SDPA forced onto its MATH backend) instead of fused
     attention kernels.
 The speedup column is ours over that baseline. With --compile both are compiled the same way
-(model.backbone, as the stage's `train.compile` does).
+(each backbone layer, as the stage's `train.compile` does); the JSON records TorchDynamo's graph
+breaks and graph count. On one GPU there is no gradient all-reduce, so the authors' other
+difference (all-reduce at every accumulation micro-step) does not show here.
 
 Each (preset, method) runs in its own child process so peak memory is per measurement: on CUDA
 torch.cuda.max_memory_allocated(); on CPU the growth of the process's peak RSS (ru_maxrss) from
@@ -64,7 +66,7 @@ from stages.pretrain.train import mask_batch, model_config, param_groups, peak_f
 FRAMES, GRID, N_CODES = 5, 16, 8192  # T = 5 at S = 128 px (8x downsampling), DALL-E's vocabulary
 PAPER_V100_SMALL = 32.0  # videos/s, small model, one V100 (Table 6)
 GOAL = 20.0  # the issue's target: small on one H100 >= 20x the paper's V100 figure
-GPU_BATCH = {"small": 64, "base": 48, "large_half": 32}
+GPU_BATCH = {"tiny": 64, "small": 64, "base": 48, "large_half": 32}
 # small trains ~390 GFLOP per video: ~6 s per step of 2 videos on an idle 2-core CPU, so the CPU default keeps it
 # small (the whole default CPU run: ~1 minute idle, 2-4 minutes with other work on the machine).
 CPU_BATCH = {"micro": 8, "tiny": 8}
@@ -141,7 +143,10 @@ def measure(job: dict) -> dict:
     model, optimizer, cfg = build_model(job["preset"], device, SEED)
     backbone_params = model.backbone.num_params()
     if job["compile"]:
-        model.backbone = torch.compile(model.backbone)  # type: ignore[assignment]
+        # As the stage's `train.compile` does (stages/pretrain/train.py): layer by layer, since the
+        # backbone's "any padding in this batch?" check is data-dependent and would break the graph.
+        for i, layer in enumerate(model.backbone.layers):
+            model.backbone.layers[i] = torch.compile(layer)
     batches = make_batches(cfg, job["batch"], min(4, job["warmup"] + job["steps"]), n_blocks, device, SEED + 1)
     amp = device.type == "cuda"
     grad_clip = cfg.train.grad_clip
@@ -154,9 +159,11 @@ def measure(job: dict) -> dict:
             baseline_step(model, optimizer, b, device=device, amp=amp, grad_clip=grad_clip)
 
     torch.manual_seed(SEED + 2)
+    t_warm = time.perf_counter()
     for i in range(job["warmup"]):
         step(i)
     _sync(device)
+    warmup_s = time.perf_counter() - t_warm
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -186,7 +193,21 @@ def measure(job: dict) -> dict:
         "peak_mem_mb": peak_mb,
         "train_flops_per_video": flops_video,
         "mfu": videos_s * flops_video / peak if peak else None,
+        "warmup_s": warmup_s,
+        **_compile_counters(job["compile"]),
     }
+
+
+def _compile_counters(compiled: bool) -> dict:
+    """Graph breaks and graphs TorchDynamo made (compiled runs): a break or a recompile in the
+    timed steps shows up as more graphs than the layers' one (per padding case)."""
+    if not compiled:
+        return {}
+    from torch._dynamo.utils import counters
+
+    breaks = dict(counters["graph_break"])
+    return {"graph_breaks": sum(breaks.values()), "graph_break_reasons": {k[:200]: v for k, v in breaks.items()},
+            "unique_graphs": counters["stats"].get("unique_graphs", 0)}
 
 
 def run_child(job: dict) -> dict:
@@ -208,6 +229,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone (ours and baseline alike)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the authors-style baseline")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of ours,baseline (default: both, or ours with --no-baseline)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -220,7 +242,7 @@ def main() -> None:
     gpu = device == "cuda"
     presets = (args.presets or ("small,base,large_half" if gpu else "tiny,small")).split(",")
     warmup = args.warmup if args.warmup is not None else ((10 if args.compile else 5) if gpu else 1)
-    methods = ["ours"] if args.no_baseline else ["ours", "baseline"]
+    methods = args.methods.split(",") if args.methods else (["ours"] if args.no_baseline else ["ours", "baseline"])
 
     load_before = os.getloadavg()[0]
     results = []
@@ -254,6 +276,10 @@ def main() -> None:
     by = {(r["preset"], r["method"]): r for r in results}
     for name in presets:
         ours, base = by.get((name, "ours")), by.get((name, "baseline"))
+        if ours is None and base is not None and "error" not in base:  # --methods baseline
+            print(f"{name:<11} {base['backbone_params'] / 1e6:>8.1f} {base['batch']:>5} {base['steps']:>5} {'-':>9} {'-':>10} {'-':>8} "
+                  f"{'-':>12} {'-':>6} {base['videos_per_s']:>13.2f} {base['ms_per_step']:>12.0f} {base['peak_mem_mb']:>17.0f} {'-':>8}")
+            continue
         if ours is None or "error" in ours:
             print(f"{name:<11} failed: {ours.get('error') if ours else 'not run'}")
             continue
@@ -268,6 +294,10 @@ def main() -> None:
     for r in results:
         if "error" in r:
             print(f"{r['preset']} {r['method']} failed: {r['error']}")
+        elif args.compile:
+            print(f"{r['preset']} {r['method']} compiled: {r['warmup_s']:.1f} s of warm-up (compilation included), "
+                  f"{r['unique_graphs']} graph(s), {r['graph_breaks']} graph break(s)"
+                  + (f": {'; '.join(r['graph_break_reasons'])[:300]}" if r["graph_breaks"] else ""))
     small = by.get(("small", "ours"))
     if gpu and small and "error" not in small:
         ratio = small["videos_per_s"] / PAPER_V100_SMALL
