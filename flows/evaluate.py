@@ -10,6 +10,7 @@ any cell failed, after everything else was committed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,13 +18,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stages.config import ConfigError, GridConfig, GridModel
-from stages.finetune.grid import Cell, expand_grid
+from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, build
+from stages.finetune.grid import BAG_OF_CODES, PROBE, Cell, expand_grid, recipe_configs
+from stages.finetune.probe import bag_of_codes_cell, probe_cells
 from stages.finetune.train import SCRATCH, ModelSource, finetune_cell
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
+from flows.pretrain import pretrain
 from flows.registry import download_version
 from flows.stage_flow import run_lock, run_name_from
 from flows.tracking import tracked_run
@@ -31,6 +34,8 @@ from flows.tracking import tracked_run
 
 def resolve_model(model: GridModel) -> ModelSource:
     """scratch, a registry URI (downloaded into MLflow's local cache) or a checkpoint path."""
+    if model.is_recipe:
+        raise ConfigError(f"recipe {model.name} has not been pretrained yet (the evaluate flow trains recipes before their cells)")
     if model.ref == SCRATCH:
         return ModelSource(SCRATCH, None, model.name)
     if model.ref.startswith("models:/"):
@@ -53,16 +58,31 @@ def resolve_model(model: GridModel) -> ModelSource:
 def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool) -> dict:
     logger = get_run_logger()
     root = DataRoot(home)
-    config = {"model": cell.model.model_dump(), "dataset": cell.dataset, "split": cell.split, "preset": cell.preset,
-              "grid": grid_name, "finetune": cell.config.model_dump(), "force": force}
-    name = f"finetune-{cell.model.name or Path(cell.model.ref).name}-{cell.dataset}-{cell.split}"
+    config = {"model": cell.model.model_dump(), "dataset": cell.dataset, "split": cell.split, "preset": cell.preset, "kind": cell.kind,
+              "methods": cell.methods, "seed": cell.seed, "grid": grid_name, "finetune": cell.config.model_dump(), "force": force}
+    stage = {PROBE: "probe", BAG_OF_CODES: "bag_of_codes"}.get(cell.kind, "finetune")
+    name = f"{stage}-{cell.model.label if cell.model.is_recipe else Path(cell.model.label).name}-{cell.dataset}-{cell.split}"
     # The same cell started twice at once (two grids, two UI clicks) trains once: the second
     # waits, then finds the first one's result in the catalog.
-    identity = hashlib.sha256(json.dumps([cell.model.ref, cell.split, cell.preset, cell.config.model_dump()], sort_keys=True,
-                                         default=str).encode()).hexdigest()[:12]
-    with run_lock(root, "finetune", f"{cell.dataset}-{identity}", logger), \
-            tracked_run(root, "finetune", config, logger=logger, run_name=name, dataset=cell.dataset, experiment=experiment) as ctx:
+    identity = hashlib.sha256(json.dumps([cell.model.ref, cell.kind, cell.methods, cell.split, cell.preset, cell.config.model_dump()],
+                                         sort_keys=True, default=str).encode()).hexdigest()[:12]
+    with run_lock(root, stage, f"{cell.dataset}-{identity}", logger), \
+            tracked_run(root, stage, config, logger=logger, run_name=name, dataset=cell.dataset, experiment=experiment) as ctx:
+        if cell.kind == BAG_OF_CODES:
+            result = bag_of_codes_cell(root, cell.dataset, cell.split, cell.config, grid=grid_name, reporter=ctx.reporter, force=force,
+                                       run_id=ctx.record.run_id)
+            ctx.record.summary = result.summary()
+            return result.summary()
         source = resolve_model(cell.model)
+        if cell.kind == PROBE:
+            results = probe_cells(root, source, cell.dataset, cell.split, cell.config, methods=cell.methods, grid=grid_name,
+                                  reporter=ctx.reporter, force=force, run_id=ctx.record.run_id, device=_probe_device(cell))
+            ctx.set_run_name(f"probe-{results[0].pretrain_recipe}-{cell.dataset}-s{results[0].split}")
+            summary = {"cached": all(r.cached for r in results), "dataset": cell.dataset, "split": results[0].split,
+                       "pretrain_recipe": results[0].pretrain_recipe, "seed": cell.seed,
+                       **{f"{r.protocol}/{k}": v for r in results for k, v in r.metrics.items()}}
+            ctx.record.summary = summary
+            return summary
         result = finetune_cell(root, source, cell.dataset, cell.split, cell.config, preset=cell.preset, grid=grid_name,
                                reporter=ctx.reporter, force=force, run_id=ctx.record.run_id)
         ctx.set_run_name(f"finetune-{result.pretrain_recipe}-{cell.dataset}-s{result.split}-{result.finetune_recipe}")
@@ -71,6 +91,42 @@ def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool
         if result.checkpoint is not None and result.checkpoint.name == "last.pt":
             raise RuntimeError(f"{cell.label}: training stopped early at step {result.steps}; run the grid again to continue")
         return summary
+
+
+def _probe_device(cell: Cell):
+    from stages.checkpoints import resolve_device
+
+    return resolve_device(cell.config.train.device)
+
+
+def _pretraining_dataset(root: DataRoot, name: str) -> DatasetConfig:
+    rows = Catalog(root).rows("SELECT source FROM datasets WHERE dataset = ?", [name])
+    return build(DatasetConfig, {"name": name, "source": (rows[0][0] if rows and rows[0][0] else f"token shards of {name}")})
+
+
+def train_recipes(grid: GridConfig, root: DataRoot, force: bool, logger) -> tuple[dict[tuple[str, int | None], GridModel], list[str]]:
+    """Pretrain every (recipe row, seed) of the grid that is not trained yet (the pretrain flow
+    caches by run key, so a finished recipe costs a lookup) and return the finished model each
+    stands for, plus the recipes that failed."""
+    trained: dict[tuple[str, int | None], GridModel] = {}
+    failed: list[str] = []
+    for model, seed, cfg in recipe_configs(grid):
+        label = f"recipe {model.name}" + (f" seed {seed}" if seed is not None else "")
+        state = pretrain(_pretraining_dataset(root, cfg.datasets[0]), cfg, str(root.home), force, train_on=list(cfg.datasets),
+                         return_state=True)
+        if not state.is_completed():
+            failed.append(f"{label}: pretraining failed: {state.message}")
+            logger.error(failed[-1])
+            continue
+        summary = state.result()
+        checkpoint = summary.get("checkpoint")
+        if not checkpoint or not checkpoint.endswith("final.pt"):
+            failed.append(f"{label}: pretraining stopped before the end ({checkpoint}); run the grid again to continue")
+            logger.error(failed[-1])
+            continue
+        logger.info(f"{label}: {'cached' if summary.get('cached') else 'trained'} {summary.get('run_name')} ({checkpoint})")
+        trained[(model.name, seed)] = GridModel(ref=checkpoint, name=model.name, preset=model.preset)
+    return trained, failed
 
 
 @flow(name="evaluate", flow_run_name=run_name_from("evaluate", "grid"), description="Fine-tune every (model, dataset, split, preset) cell of a grid and evaluate it with multi-view "
@@ -89,11 +145,24 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
     for run_id in mark_crashed_runs(root):
         logger.warning(f"run {run_id} was interrupted earlier; its finished cells are kept, the rest is redone")
     cells = expand_grid(grid)
+    recipe_configs(grid)  # a bad recipe override fails the grid before anything trains
     outcomes: dict[str, dict] = {}
     failed: list[str] = []
     with tracked_run(root, "evaluate", grid.model_dump() | {"force": force}, logger=logger, run_name=f"evaluate-{grid.name}",
                      experiment=grid.experiment) as ctx:
-        logger.info(f"grid {grid.name}: {len(cells)} cells ({len(grid.models)} models x {len(grid.datasets)} datasets)")
+        seeds = f" x {len(grid.seeds)} seeds" if grid.seeds else ""
+        logger.info(f"grid {grid.name}: {len(cells)} cells ({len(grid.models)} models x {len(grid.datasets)} datasets{seeds}; "
+                    f"protocols {', '.join(grid.protocols)})")
+        trained, failed = train_recipes(grid, root, force, logger)
+        runnable = []
+        for c in cells:
+            if not c.model.is_recipe:
+                runnable.append(c)
+            elif (c.model.name, c.seed) in trained:
+                runnable.append(dataclasses.replace(c, model=trained[(c.model.name, c.seed)]))
+            else:
+                failed.append(f"{c.label}: its recipe was not pretrained")
+        cells = runnable
         args = (str(root.home), grid.name, grid.experiment, force)
         if grid.parallel > 1:
             futures = [run_cell.with_options(task_run_name=f"{c.dataset}-{c.split}-{c.preset}").submit(
@@ -123,4 +192,4 @@ def _on_device(cell: Cell, index: int, parallel: int) -> Cell:
     if cell.config.train.device != "auto" or n < 2:
         return cell
     train = cell.config.train.model_copy(update={"device": f"cuda:{index % min(n, parallel)}"})
-    return Cell(cell.model, cell.dataset, cell.split, cell.preset, cell.config.model_copy(update={"train": train}))
+    return dataclasses.replace(cell, config=cell.config.model_copy(update={"train": train}))

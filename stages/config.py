@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _OPERATIONAL = {"operational": True}
 
@@ -214,6 +214,14 @@ class FinetuneModel(StrictModel):
     scratch_preset: Literal["micro", "tiny", "small", "base", "large_half"] = Field(
         "small", description="Backbone preset of the from-scratch baseline (no pretrained checkpoint)."
     )
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="Clip feature the head reads: the [CLS] output (paper) or the mean of the token states (MAE/VideoMAE)."
+    )
+    head_norm: Literal["batch", "none"] = Field(
+        "batch", description="batch: a BatchNorm without affine parameters before the zero-initialised FC, so a backbone whose "
+        "[CLS] barely varies between clips (from scratch, mask-only pretraining) still gets class gradients (docs/learning.md); "
+        "none: the paper's bare FC.",
+    )
 
 
 class FinetuneData(StrictModel):
@@ -275,6 +283,23 @@ class FinetuneConfig(StrictModel):
     )
 
 
+def _check_seeds(v: list[int] | None) -> list[int] | None:
+    if v is not None:
+        if not v:
+            raise ValueError("seeds must list at least one seed (or be left out)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        if any(x < 0 for x in v):
+            raise ValueError(f"seeds must be >= 0, got {v}")
+    return v
+
+
+def _unique(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError(f"listed more than once: {sorted({x for x in v if v.count(x) > 1})}")
+    return v
+
+
 def _short_models(v: Any) -> Any:
     """`- scratch` in a grid file means `- {ref: scratch}`."""
     return [{"ref": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
@@ -286,11 +311,73 @@ def _short_datasets(v: Any) -> Any:
 
 
 class GridModel(StrictModel):
-    """One row of the results grid: a pretrained model, or `scratch`."""
+    """One row of the results grid: a finished model, `scratch`, or a pretraining recipe trained on demand."""
 
-    ref: str = Field(..., description="models:/NAME/VERSION|latest (MLflow registry), a pretrain checkpoint path, or `scratch`.")
-    name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl).")
+    ref: str | None = Field(None, description="models:/NAME/VERSION|latest (MLflow registry), a pretrain checkpoint path, or `scratch`. "
+                            "Leave empty for a recipe (`pretrain:`).")
+    name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl); "
+                             "required for a recipe.")
     preset: str | None = Field(None, description="Fine-tuning preset for this model's cells (overrides the grid's).")
+    pretrain: dict[str, Any] | None = Field(
+        None, description="A pretraining recipe instead of a finished model: pretrain settings over the grid's `pretrain` base, "
+        "as dotted keys ({model.objective: mp, masking.strategy: iid}) or nested mappings. Trained on demand (once per seed, "
+        "cached by its run key) before its cells run.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("a model name must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _ref_or_recipe(self) -> "GridModel":
+        if self.pretrain is None and not self.ref:
+            raise ValueError("a grid model needs `ref` (scratch, models:/..., a checkpoint) or `pretrain` (a recipe)")
+        if self.pretrain is not None and self.ref:
+            raise ValueError(f"grid model {self.name or self.ref!r}: give `ref` or `pretrain`, not both")
+        if self.pretrain is not None and not self.name:
+            raise ValueError("a pretraining recipe in a grid needs a `name` (it labels its rows in the report)")
+        return self
+
+    @property
+    def is_recipe(self) -> bool:
+        return self.pretrain is not None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.ref or ""
+
+    def recipe_overrides(self) -> list[str]:
+        """The recipe's settings as `a.b=value` overrides (nested mappings flattened)."""
+        return _as_overrides(self.pretrain or {})
+
+
+def _as_overrides(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _as_overrides(value, path + ".")
+        else:
+            out.append(f"{path}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+EvalMethod = Literal["finetune", "linear_probe", "knn", "bag_of_codes"]
+EVAL_METHODS: tuple[str, ...] = EvalMethod.__args__
+
+
+class GridPretrain(StrictModel):
+    """The base of a grid's pretraining recipes: which data, which tokenizer, which preset."""
+
+    datasets: list[str] = Field(default_factory=list, min_length=0, description="Datasets whose token shards recipes pretrain on "
+                                "(in a pipeline: default the pipeline's pretraining datasets).")
+    tokenizer: str = Field("", description="Token shards of this tokenizer (token_samples.tokenizer); empty: the only one there is.")
+    preset: str = Field("small", description="Pretrain preset every recipe starts from (pretrain presets: small, base, tiny, ...).")
+    config: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig settings over the preset, before each recipe's own.")
+    set: list[str] = Field(default_factory=list, description="`a.b=value` pretrain overrides applied before each recipe's own.")
 
 
 class GridDataset(StrictModel):
@@ -318,11 +405,37 @@ class GridConfig(StrictModel):
     presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets: every cell runs once per preset.")
     finetune: dict[str, Any] = Field(default_factory=dict, description="Settings applied over each cell's preset (FinetuneConfig fields).")
     set: list[str] = Field(default_factory=list, description="`a.b=value` overrides applied last to every cell's fine-tune config.")
+    protocols: list[EvalMethod] = Field(
+        default_factory=lambda: ["finetune"], min_length=1,
+        description="Evaluation protocols per model and dataset: finetune (App. A.2), linear_probe and knn on frozen [CLS] and "
+        "mean-pooled features, bag_of_codes (a logistic regression on code histograms: the floor, one row per dataset).",
+    )
+    seeds: list[int] | None = Field(
+        None, description="Run every cell (and every recipe's pretraining) once per seed; the seed is a column of `results`. "
+        "Empty: each config's own seed.",
+    )
+    pretrain: GridPretrain | None = Field(None, description="Base of the recipe rows' pretraining (required when a model has `pretrain:`).")
     parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several; CPU: 1).")
     experiment: str = operational("vimpac", description="MLflow experiment.")
 
     _plain_refs = field_validator("models", mode="before")(_short_models)
     _plain_names = field_validator("datasets", mode="before")(_short_datasets)
+    _distinct_seeds = field_validator("seeds")(_check_seeds)
+    _distinct_protocols = field_validator("protocols")(_unique)
+
+    @model_validator(mode="after")
+    def _recipes_have_a_base(self) -> "GridConfig":
+        recipes = [m.name for m in self.models if m.is_recipe]
+        if recipes and self.pretrain is None:
+            raise ValueError(f"models {', '.join(recipes)} are pretraining recipes: the grid needs a `pretrain:` section "
+                             "(datasets, tokenizer, preset) to train them on")
+        if recipes and self.pretrain is not None and not self.pretrain.datasets:
+            raise ValueError("grid `pretrain.datasets` must name the datasets the recipes pretrain on")
+        labels = [m.label for m in self.models]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"grid models must have distinct names/refs; repeated: {', '.join(dupes)}")
+        return self
 
 
 PRETRAINED = "pretrained"
@@ -339,10 +452,15 @@ class PipelineEvaluate(StrictModel):
     presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets.")
     finetune: dict[str, Any] = Field(default_factory=dict, description="Settings applied over each cell's preset.")
     set: list[str] = Field(default_factory=list, description="`a.b=value` overrides of every cell's fine-tune config.")
+    protocols: list[EvalMethod] = Field(default_factory=lambda: ["finetune"], min_length=1,
+                                        description="finetune, linear_probe, knn, bag_of_codes (see the evaluate flow's grid).")
+    seeds: list[int] | None = Field(None, description="Run every cell and every recipe's pretraining once per seed.")
     parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several).")
 
     _plain_refs = field_validator("models", mode="before")(_short_models)
     _plain_names = field_validator("datasets", mode="before")(_short_datasets)
+    _distinct_seeds = field_validator("seeds")(_check_seeds)
+    _distinct_protocols = field_validator("protocols")(_unique)
 
 
 Layout = Literal["auto", "directory", "folder_per_class", "ucf101", "hmdb51", "ssv2", "diving48", "kinetics", "list", "manifest"]

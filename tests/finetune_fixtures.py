@@ -25,9 +25,10 @@ def class_tokens(label: int, vid: int, n: int, n_views: int) -> np.ndarray:
 
 def labeled_dataset(root, dataset: str, *, classes=("Run", "Jump", "Swim"), per_class: int = 6, n_splits: int = 3,
                     flip_sensitive: bool = False, tokenizer: str = TOKENIZER, first_vid: int = 100, shard_size: int = 8,
-                    split_names: bool = False, video_splits=None, labels=None) -> dict[str, tuple[str, str, list[str]]]:
+                    split_names: bool = False, video_splits=None, labels=None, make_tokens=None) -> dict[str, tuple[str, str, list[str]]]:
     """`per_class` videos per class; in split set k, video i of a class is test when i % 3 == k - 1.
-    With split_names, a single train/val split instead. Returns video_id -> (label, split, splits)."""
+    With split_names, a single train/val split instead. `make_tokens(label, vid, n, n_views)` replaces
+    `class_tokens`. Returns video_id -> (label, split, splits)."""
     Catalog(root).ensure_tables()
     views = view_names("downstream", flip_sensitive)
     rows, vids, info = [], [], {}
@@ -55,5 +56,5 @@ def labeled_dataset(root, dataset: str, *, classes=("Run", "Jump", "Swim"), per_
     for number, start in enumerate(range(0, len(vids), shard_size)):
         chunk = [v for v, _ in vids[start : start + shard_size]]
         write_shard(root, dataset, number, chunk, views=views, variant="downstream", tokenizer=tokenizer, grid=GRID, codebook=CODEBOOK,
-                    fps=4.0, size=32, make_tokens=lambda vid, n, nv: class_tokens(by_vid[vid], vid, n, nv))
+                    fps=4.0, size=32, make_tokens=lambda vid, n, nv: (make_tokens or class_tokens)(by_vid[vid], vid, n, nv))
     return info

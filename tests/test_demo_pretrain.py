@@ -45,7 +45,7 @@ def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect
 
     cells = summaries["evaluate/demo"]["cells"]
     assert sorted(c["pretrain_recipe"] for c in cells.values()) == ["scratch", "tiny-5x64-mp+cl"]
-    assert all(c["dataset"] == "demo-motion" and c["split"] == "1" and c["protocol"] == "4x1-center" for c in cells.values()), \
+    assert all(c["dataset"] == "demo-motion" and c["split"] == "1" and c["view_protocol"] == "4x1-center" for c in cells.values()), \
         "demo-motion is flip-sensitive: center crops only"
     lineage = Catalog(home).rows(
         """SELECT r.pretrain_recipe, count(DISTINCT v.sha256), any_value(r.tokenizer) FROM results r JOIN predictions p USING (eval_id)

@@ -38,7 +38,7 @@ def test_two_by_two_grid_runs_once_and_the_second_run_does_no_work(prefect_harne
     first = evaluate(grid, str(root.home))
     assert len(first["cells"]) == 4 and not first["failed"]
     assert not any(c["cached"] for c in first["cells"].values())
-    results = Catalog(root).rows("SELECT pretrain_recipe, dataset, split, protocol, metric FROM results WHERE grid = 'g2x2' ORDER BY ALL")
+    results = Catalog(root).rows("SELECT pretrain_recipe, dataset, split, view_protocol, metric FROM results WHERE grid = 'g2x2' ORDER BY ALL")
     assert len(results) == 12  # 4 cells x 3 metrics
     (recipe,) = {r[0] for r in Catalog(root).rows("SELECT finetune_recipe FROM results")}
     assert recipe.startswith("micro-4x32+"), "train.epochs=2 is not the micro preset: the recipe says so"

@@ -105,8 +105,8 @@ def test_scratch_and_pretrained_cells_train_evaluate_and_cache(toy, tmp_path):
     assert pre.finetune_recipe.startswith("micro-4x32+") and scratch.finetune_recipe == pre.finetune_recipe
     again = finetune_cell(toy, ModelSource(str(ckpt), ckpt), "toy", "1", micro("train.epochs=10"), preset="micro")
     assert again.cached and again.metrics == pytest.approx(pre.metrics) and again.eval_id == pre.eval_id
-    rows = Catalog(toy).rows("SELECT pretrain_recipe, metric, value, protocol FROM results ORDER BY ALL")
-    assert len(rows) == 6 and {r[3] for r in rows} == {"2x3"}
+    rows = Catalog(toy).rows("SELECT pretrain_recipe, metric, value, protocol, view_protocol, seed, n_train FROM results ORDER BY ALL")
+    assert len(rows) == 6 and {r[3:] for r in rows} == {("finetune", "2x3", 0, 12)}
     forced = finetune_cell(toy, ModelSource(str(ckpt), ckpt), "toy", "1", micro("train.epochs=10"), preset="micro", force=True)
     assert not forced.cached and forced.metrics == pytest.approx(pre.metrics), "same seed, same result"
     plain = finetune_cell(toy, ModelSource(str(ckpt), ckpt), "toy", "1", micro(), preset="micro")
@@ -125,7 +125,7 @@ def test_stored_view_scores_refuse_to_the_stored_metrics(toy):
 def test_flip_sensitive_datasets_are_evaluated_on_center_crops(root):
     labeled_dataset(root, "ssv2ish", flip_sensitive=True)
     result = finetune_cell(root, ModelSource("scratch"), "ssv2ish", "1", micro(), preset="micro")
-    assert result.protocol == "2x1-center"
+    assert result.view_protocol == "2x1-center"
     views = Catalog(root).rows("SELECT views FROM predictions WHERE eval_id = ? LIMIT 1", [result.eval_id])[0][0]
     assert views == ["0/s100_c", "1/s100_c"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ import webdataset as wds
 
 from stages.evaluate.metrics import Protocol, clip_starts
 from stages.finetune.splits import EvalVideo, SplitSelection
+from stages.pretrain.data import TokenShard
 from warehouse.layout import DataRoot
 
 
@@ -69,40 +71,21 @@ def score_videos(model: torch.nn.Module, root: DataRoot, selection: SplitSelecti
             done[key] = s
         pending.clear()
 
-    for shard in selection.eval_shards:
-        path = str(root.absolute(shard.path))
-        wanted = {k for k, v in mine.items() if v.shard == shard.path}
-        if not wanted:
+    for key, tokens, stored in read_token_videos(root, selection.eval_shards, mine, errors):
+        try:
+            missing = [c for c in protocol.crops if c not in stored]
+            if missing:
+                raise ValueError(f"views {', '.join(missing)} are not stored (stored: {', '.join(stored)}); "
+                                 "tokenize the downstream variant or evaluate with center crops only")
+            starts = clip_starts(int(tokens.shape[1]), clip_len, protocol.clips)
+        except ValueError as e:
+            errors.append(f"sample {key}: {e}")
             continue
-
-        def handler(exn: BaseException, path: str = path) -> bool:
-            errors.append(f"token shard {path}: {type(exn).__name__}: {str(exn.args[0]) if exn.args else ''}")
-            return True
-
-        for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": path}])):
-            key = f"{shard.dataset}/{sample.get('__key__')}"
-            if key not in wanted or key in done:
-                continue
-            try:
-                meta = json.loads(sample["json"])
-                tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)  # (n_views, n, h, w)
-                stored = list(meta["views"])
-                missing = [c for c in protocol.crops if c not in stored]
-                if missing:
-                    raise ValueError(f"views {', '.join(missing)} are not stored (stored: {', '.join(stored)}); "
-                                     "tokenize the downstream variant or evaluate with center crops only")
-                starts = clip_starts(int(tokens.shape[1]), clip_len, protocol.clips)
-            except (KeyError, ValueError, TypeError) as e:
-                errors.append(f"token shard {path}: sample {key}: {e}")
-                continue
-            # Clip-major, as Protocol.view_names(): clip i's crops are adjacent.
-            per_crop = [_clips(tokens[stored.index(c)], starts, clip_len, pad_id) for c in protocol.crops]  # each (clips, T, h, w)
-            pending.append((key, np.stack(per_crop, axis=1).reshape(per_video, clip_len, *tokens.shape[2:])))
-            wanted.discard(key)
-            if len(pending) * per_video >= batch_size:
-                flush()
-        for key in sorted(wanted):
-            errors.append(f"token shard {path}: sample {key} could not be read; video {mine[key].video_id} is not evaluated")
+        # Clip-major, as Protocol.view_names(): clip i's crops are adjacent.
+        per_crop = [_clips(tokens[stored.index(c)], starts, clip_len, pad_id) for c in protocol.crops]  # each (clips, T, h, w)
+        pending.append((key, np.stack(per_crop, axis=1).reshape(per_video, clip_len, *tokens.shape[2:])))
+        if len(pending) * per_video >= batch_size:
+            flush()
     flush()
 
     if world > 1:
@@ -114,3 +97,42 @@ def score_videos(model: torch.nn.Module, root: DataRoot, selection: SplitSelecti
     n_classes = len(selection.classes)
     scores = np.stack([done[v.key] for v in videos]).astype(np.float32) if videos else np.zeros((0, per_video, n_classes), np.float32)
     return EvalScores(videos, views, scores, errors)
+
+
+def read_token_videos(root: DataRoot, shards: list[TokenShard], wanted: dict[str, object], errors: list[str]
+                      ) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """(key, tokens (n_views, n, h, w), stored view names) of every sample of `shards` whose
+    "dataset/key" is in `wanted`, each once, in shard order. A wanted value with a `shard`
+    attribute (EvalVideo) is looked for in that shard only. Unreadable shards and samples, and
+    wanted videos that never showed up, are described in `errors`, never raised: one bad video
+    costs its own score, not the evaluation."""
+    seen: set[str] = set()
+    for shard in shards:
+        path = str(root.absolute(shard.path))
+        todo = {k for k, v in wanted.items() if getattr(v, "shard", shard.path) == shard.path} - seen
+        if not todo:
+            continue
+
+        def handler(exn: BaseException, path: str = path) -> bool:
+            errors.append(f"token shard {path}: {type(exn).__name__}: {str(exn.args[0]) if exn.args else ''}")
+            return True
+
+        for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": path}])):
+            key = f"{shard.dataset}/{sample.get('__key__')}"
+            if key not in todo:
+                continue
+            seen.add(key)
+            try:
+                meta = json.loads(sample["json"])
+                tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)  # (n_views, n, h, w)
+                stored = list(meta["views"])
+                if tokens.ndim != 4 or tokens.shape[0] != len(stored):
+                    raise ValueError(f"tokens of shape {tokens.shape} do not match the {len(stored)} stored views")
+            except (KeyError, ValueError, TypeError) as e:
+                errors.append(f"token shard {path}: sample {key}: {e}")
+                continue
+            yield key, tokens, stored
+    for key in sorted(set(wanted) - seen):
+        video = wanted[key]
+        where = f"token shard {root.absolute(video.shard)}" if hasattr(video, "shard") else "the token shards"
+        errors.append(f"{where}: sample {key} could not be read; video {getattr(video, 'video_id', key)} is not evaluated")

@@ -52,13 +52,15 @@ from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.tables import now, write_rows
 
-CODE_VERSION = "finetune-1"
+CODE_VERSION = "finetune-2"  # 2: BatchNorm head (issue 14), precise head statistics, per-class training accuracy
 EVAL_VERSION = "eval-1"
 FORMAT = "vimpac-finetune"
 SCRATCH = "scratch"
+FINETUNE = "finetune"  # the results' protocol of fine-tuned cells (probes: stages/finetune/probe.py)
 # The paper (following SlowFast) trains non-pretrained models 4x as long on small datasets
 # (UCF101, HMDB51, Diving48) and 1.5x on large ones (SSv2, Kinetics: 169k and 240k videos).
 LARGE_DATASET = 50_000
+CHANCE_MARGIN = 0.02  # training accuracy within 2 points of chance over the first half: "learned nothing"
 
 
 @dataclass
@@ -84,10 +86,14 @@ class CellResult:
     pretrain_run: str
     finetune_recipe: str
     tokenizer: str
-    protocol: str
+    protocol: str  # the evaluation method: finetune, linear_probe:cls, ..., bag_of_codes
     metrics: dict[str, float]
     cached: bool
     checkpoint: Path | None = None
+    view_protocol: str = ""  # the test-time views, e.g. 4x3
+    seed: int | None = None
+    code_version: str = f"{CODE_VERSION}/{EVAL_VERSION}"
+    train_per_class: dict[str, float | None] = field(default_factory=dict)  # training accuracy per class at the end
     steps: int = 0
     n_train: int = 0
     n_eval: int = 0
@@ -98,8 +104,10 @@ class CellResult:
         return {"eval_id": self.eval_id, "run_key": self.run_key, "dataset": self.dataset, "split": self.split,
                 "pretrain_recipe": self.pretrain_recipe, "pretrain_run": self.pretrain_run,
                 "finetune_recipe": self.finetune_recipe, "tokenizer": self.tokenizer, "protocol": self.protocol,
+                "view_protocol": self.view_protocol, "seed": self.seed,
                 "cached": self.cached, "checkpoint": str(self.checkpoint) if self.checkpoint else None, "steps": self.steps,
-                "n_train": self.n_train, "n_eval": self.n_eval, "warnings": self.warnings, **self.metrics}
+                "n_train": self.n_train, "n_eval": self.n_eval, "warnings": self.warnings,
+                "train_acc_per_class": self.train_per_class, **self.metrics}
 
 
 @dataclass
@@ -197,7 +205,8 @@ def _model_config(cfg: FinetuneConfig, selection: SplitSelection, pretrained: _P
     backbone.grid, backbone.dropout = gh, cfg.model.dropout
     try:
         backbone.__post_init__()
-        return ClassifierConfig(backbone, n_classes=len(selection.classes), head_dropout=cfg.model.head_dropout)
+        return ClassifierConfig(backbone, n_classes=len(selection.classes), head_dropout=cfg.model.head_dropout, pool=cfg.model.pool,
+                                head_norm=cfg.model.head_norm)
     except ValueError as e:
         raise ConfigError(f"fine-tune model: {e}") from None
 
@@ -280,8 +289,9 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     run_key, eval_id = cell_keys(cfg, pretrain_identity, dataset, selection, tokenizer, info.world_size, protocol)
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
     ft_recipe = finetune_recipe(cfg, preset, frames, size)
-    result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, protocol.name,
-                        {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings))
+    result = CellResult(eval_id, run_key, dataset, selection.split, recipe, pretrain_identity, ft_recipe, tokenizer, FINETUNE,
+                        {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
+                        view_protocol=protocol.name, seed=cfg.train.seed)
     where = f"{recipe} on {dataset} split {selection.split} ({ft_recipe})"
 
     if not force and (done := existing_results(root, eval_id)):
@@ -308,13 +318,19 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
         model = VideoClassifier(ClassifierConfig.from_dict(dict(ckpt["model_config"])))
         model.load_state_dict(strip_prefixes(ckpt["model"]))
         result.steps = int(ckpt["metadata"]["steps"])
+        result.train_per_class = dict(ckpt["metadata"].get("train_acc_per_class") or {})
+        result.warnings += [w for w in ckpt["metadata"].get("warnings") or [] if w not in result.warnings]
         reporter.info(f"{where}: fine-tuned model found ({final}); evaluating")
     else:
-        model, result.steps, finished = _train(root, selection, ccfg, cfg, pretrained, reporter, info, run_key, where, last, max_steps)
+        watch: dict = {}
+        model, result.steps, finished = _train(root, selection, ccfg, cfg, pretrained, reporter, info, run_key, where, last, max_steps,
+                                               watch, result.warnings)
         if not finished:
             result.checkpoint = last
             return result
+        result.train_per_class = watch.get("per_class") or {}
         metadata = {"run_key": run_key, "steps": result.steps, "dataset": dataset, "split": selection.split, "classes": selection.classes,
+                    "train_acc_per_class": result.train_per_class, "warnings": result.warnings,
                     "tokenizer": tokenizer, "pretrain": pretrain_identity, "pretrain_ref": source.ref, "recipe": recipe,
                     "finetune_recipe": ft_recipe, "shards": [s.path for s in selection.shards], "config": cfg.model_dump(mode="json")}
         if info.is_main:
@@ -333,7 +349,7 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     if not scores.videos:
         raise ValueError(f"{where}: none of the {len(selection.eval)} evaluation videos could be scored: {'; '.join(scores.errors[:3])}")
     if info.is_main:
-        result.metrics = _write_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter)
+        result.metrics = _write_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter, cfg.train.seed)
         result.n_eval = len(scores.videos)
         reporter.metrics({f"eval_{k}": v for k, v in result.metrics.items()}, step=result.steps)
         reporter.info(f"{where}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
@@ -344,8 +360,11 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
 
 def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cfg: FinetuneConfig, pretrained: _Pretrained | None,
            reporter: Reporter, info: D.DistInfo, run_key: str, where: str, last: Path,
-           max_steps: int | None) -> tuple[VideoClassifier, int, bool]:
+           max_steps: int | None, watch: dict, warnings: list[str]) -> tuple[VideoClassifier, int, bool]:
+    """Fine-tune; `watch` receives the learning checks (first-half accuracy, per-class accuracy at
+    the end), `warnings` what the user must see."""
     world, device = info.world_size, info.device
+    classes = selection.classes
     n_train = len(selection.train)
     factor = 1.0 if pretrained else (cfg.train.scratch_factor or (4.0 if n_train < LARGE_DATASET else 1.5))
     batches_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * world)))
@@ -382,6 +401,8 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
             scheduler.load_state_dict(ckpt["scheduler"])
             step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
             set_rng_states(ckpt["rng"][info.rank], device)
+            watch.update(ckpt.get("watch") or {})
+            warnings.extend(ckpt.get("warnings") or [])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
         reporter.info(f"{where}: resuming at step {step}/{total_steps}")
@@ -395,6 +416,8 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
             model.backbone.layers[i] = torch.compile(layer)
     net: torch.nn.Module = model
     if world > 1:
+        # The head's BatchNorm standardises over the global batch, as the contrastive head's does.
+        model.norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.norm)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stream = {"epoch": epoch, "pos": consumed}
@@ -419,11 +442,18 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
             atomic_save({"format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
                          "model": strip_prefixes(model.state_dict()), "model_config": ccfg.to_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "epoch": stream["epoch"], "consumed": stream["pos"], "rng": states, "world_size": world}, last)
+                         "epoch": stream["epoch"], "consumed": stream["pos"], "rng": states, "world_size": world,
+                         "watch": {k: v.clone() for k, v in watch.items()}, "warnings": list(warnings)}, last)
         D.barrier()
 
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     window = torch.zeros(6, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds
+    # Learning checks (issue 14): accuracy over the first half of the run against chance, and
+    # per-class accuracy over the last epoch's worth of steps (at least one).
+    n_classes = ccfg.n_classes
+    half, tail_from = total_steps // 2, max(0, total_steps - max(1, batches_per_epoch))
+    watch["first_half"] = watch.get("first_half", torch.zeros(2, dtype=torch.float64))  # correct, videos
+    watch["tail"] = watch.get("tail", torch.zeros(2, n_classes, dtype=torch.float64))
     started = time.perf_counter()
     reporter.start_progress(total_steps, f"fine-tune {where}")
     if step:
@@ -435,9 +465,16 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
             micro = [to_device(next(batches), device) for _ in range(k)]
             wait = time.perf_counter() - t_wait
             current_lr = optimizer.param_groups[0]["lr"]
-            loss_sum, correct, videos, grad_norm = train_step(net, optimizer, micro, device=device, amp=amp, grad_clip=cfg.train.grad_clip)
+            loss_sum, correct, videos, grad_norm, per_class = train_step(net, optimizer, micro, device=device, amp=amp,
+                                                                         grad_clip=cfg.train.grad_clip, n_classes=n_classes)
             scheduler.step()
             step += 1
+            if step <= half:
+                watch["first_half"] += torch.tensor([correct, videos], dtype=torch.float64)
+            if step > tail_from:
+                watch["tail"] += per_class
+            if step == half and half > 0:
+                chance_check(D.all_reduce_sum(watch["first_half"].to(device)).cpu(), n_classes, half, where, reporter, warnings)
             window += torch.tensor([loss_sum, correct, videos, grad_norm, 1.0, wait], dtype=torch.float64)
             if step % cfg.train.log_every == 0 or step == stop_at:
                 sums = D.all_reduce_sum(window.to(device)).cpu()
@@ -462,20 +499,48 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         save_resume()
         reporter.info(f"{where}: stopped at step {step}/{total_steps}; run again to continue")
         return model, step, False
+    tail = D.all_reduce_sum(watch["tail"].to(device)).cpu()
+    watch["per_class"] = {name: (float(tail[0, i] / tail[1, i]) if tail[1, i] else None) for i, name in enumerate(classes)}
+    if info.is_main:
+        reporter.metrics({f"train_acc_class/{name}": acc for name, acc in watch["per_class"].items() if acc is not None}, step=step)
+        reporter.info(f"{where}: training accuracy per class over the last {total_steps - tail_from} steps: "
+                      + ", ".join(f"{name} {acc:.2f}" if acc is not None else f"{name} -" for name, acc in watch["per_class"].items()))
+    used = recompute_head_statistics(model, loader.epoch(stream["epoch"] + 1), max(1, min(batches_per_epoch, 50)), device, amp)
+    if used:
+        reporter.info(f"{where}: head BatchNorm statistics re-estimated on {used} training batches (eval mode)")
     return model, step, True
 
 
+def chance_check(first_half: torch.Tensor, n_classes: int, steps: int, where: str, reporter: Reporter, warnings: list[str]) -> str | None:
+    """The warning a user should never have to dig for: training accuracy over the first half of
+    the run within 2 points of chance means the model learned nothing (issue 14)."""
+    correct, videos = float(first_half[0]), float(first_half[1])
+    if videos <= 0:
+        return None
+    accuracy, chance = correct / videos, 1.0 / n_classes
+    if abs(accuracy - chance) > CHANCE_MARGIN:
+        return None
+    text = (f"{where}: training accuracy {100 * accuracy:.1f}% over the first {steps} steps ({videos:.0f} videos) is within "
+            f"{100 * CHANCE_MARGIN:.0f} points of chance ({100 * chance:.1f}%): the model is not learning. Check the probes "
+            "(grid protocols linear_probe, knn, bag_of_codes) to see whether the features or the tokens carry the classes, "
+            "and docs/learning.md for the known causes")
+    warnings.append(text)
+    reporter.warning(text)
+    return text
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *, device: torch.device,
-               amp: bool, grad_clip: float) -> tuple[float, float, float, float]:
+               amp: bool, grad_clip: float, n_classes: int | None = None) -> tuple[float, float, float, float, torch.Tensor | None]:
     """One optimizer step over k micro-batches: cross-entropy summed and divided by the global
     batch's video count, so accumulation and DDP equal one large batch. Returns (loss sum,
-    correct, videos, grad norm) of this rank."""
+    correct, videos, grad norm, per-class (2, C) [correct, videos] or None) of this rank."""
     k = len(micro_batches)
     ddp = isinstance(model, DistributedDataParallel)
     world = torch.distributed.get_world_size() if ddp else 1
     local = float(sum(int(b["labels"].numel()) for b in micro_batches))
     norm = D.all_reduce_sum(torch.tensor([local], device=device)) / world
     loss_sum = correct = 0.0
+    per_class = torch.zeros(2, n_classes, dtype=torch.float64) if n_classes else None
     model.train()
     for i, b in enumerate(micro_batches):
         with nullcontext() if (not ddp or i == k - 1) else model.no_sync():
@@ -484,18 +549,58 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             ce = F.cross_entropy(logits.float(), b["labels"], reduction="sum")
             (ce / norm).backward()
         loss_sum += float(ce.detach())
-        correct += float((logits.detach().argmax(-1) == b["labels"]).sum())
+        hits = logits.detach().argmax(-1) == b["labels"]
+        correct += float(hits.sum())
+        if per_class is not None:
+            labels = b["labels"].cpu()
+            per_class[0].index_add_(0, labels, hits.cpu().double())
+            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, correct, local, grad_norm
+    return loss_sum, correct, local, grad_norm, per_class
 
 
-def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, protocol: Protocol,
-                      source: ModelSource, grid: str, run_id: str | None, run_dir: Path, reporter: Reporter) -> dict[str, float]:
-    """Predictions first, then the results file (the evaluation's commit marker), then artifacts."""
+@torch.no_grad()
+def recompute_head_statistics(model: VideoClassifier, batches, n_batches: int, device: torch.device, amp: bool) -> int:
+    """Precise BatchNorm (SlowFast's precise BN): the head's running statistics are re-estimated
+    as the plain average over `n_batches` training batches seen by the final model in eval mode
+    (no dropout), replacing the momentum average of features from earlier, changing models.
+    Under DDP the ranks average their estimates. Returns the batches used."""
+    norm = model.norm
+    if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+        return 0
+    model.eval()
+    norm.reset_running_stats()
+    momentum, norm.momentum = norm.momentum, None  # None: cumulative moving average
+    norm.train()
+    used = 0
+    for batch in batches:
+        if used >= n_batches:
+            break
+        tokens = batch["tokens"][:, 0].to(device)
+        if tokens.shape[0] < 2:
+            continue
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            feature = model.features(tokens)
+        norm(feature.float())
+        used += 1
+    norm.momentum = momentum
+    model.eval()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        for buffer in (norm.running_mean, norm.running_var):
+            buffer.copy_(D.all_reduce_sum(buffer.clone()) / torch.distributed.get_world_size())
+    return used
+
+
+def write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, *, method: str,
+                     view_protocol: str, model_ref: str, grid: str, run_id: str | None, seed: int | None) -> dict[str, float]:
+    """Predictions first, then the results file (the evaluation's commit marker). `method` is
+    the results' `protocol` (finetune, linear_probe:cls, ..., bag_of_codes), `view_protocol`
+    the test-time views the scores average over. Returns the metrics."""
     classes = selection.classes
-    probs = fuse(scores.scores, scores.views)
+    # One stored "view" is a probe's score for the whole video (its features already average the views).
+    probs = scores.scores[:, 0].astype(np.float64) if len(scores.views) == 1 else fuse(scores.scores, scores.views)
     labels = np.array([v.label_index for v in scores.videos], np.int64)
     metrics = classification_metrics(probs, labels, len(classes))
     order = np.argsort(-probs, axis=1, kind="stable")
@@ -510,15 +615,28 @@ def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelect
     write_rows("predictions", predictions, base / "predictions" / selection.dataset / f"{result.eval_id}.parquet")
     common = {
         "eval_id": result.eval_id, "dataset": selection.dataset, "split": selection.split, "pretrain_run": result.pretrain_run,
-        "finetune_run": result.run_key, "tokenizer": selection.tokenizer, "protocol": protocol.name, "pretrain_model": source.ref,
-        "pretrain_recipe": result.pretrain_recipe, "finetune_recipe": result.finetune_recipe, "grid": grid or None,
-        "eval_split": selection.eval_split, "train_split": selection.train_split, "n_videos": len(scores.videos),
-        "n_classes": len(classes), "token_shards": [s.path for s in selection.shards], "checkpoint": root.relative(result.checkpoint),
-        "run_id": run_id, "code_version": f"{CODE_VERSION}/{EVAL_VERSION}", "created_at": now(),
+        "finetune_run": result.run_key if method == FINETUNE else None, "tokenizer": selection.tokenizer, "protocol": method,
+        "view_protocol": view_protocol, "seed": seed, "n_train": result.n_train, "pretrain_model": model_ref,
+        "pretrain_recipe": result.pretrain_recipe, "finetune_recipe": result.finetune_recipe if method == FINETUNE else None,
+        "grid": grid or None, "eval_split": selection.eval_split, "train_split": selection.train_split, "n_videos": len(scores.videos),
+        "n_classes": len(classes), "token_shards": [s.path for s in selection.shards], "checkpoint": root.relative(result.checkpoint) if result.checkpoint else None,
+        "run_id": run_id, "code_version": result.code_version, "created_at": now(),
     }
     write_rows("results", [{**common, "metric": m, "value": float(v)} for m, v in metrics.items()],
                base / "results" / selection.dataset / f"{result.eval_id}.parquet")
+    result.n_eval = len(scores.videos)
+    return {k: float(v) for k, v in metrics.items()}
 
+
+def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, protocol: Protocol,
+                      source: ModelSource, grid: str, run_id: str | None, run_dir: Path, reporter: Reporter, seed: int) -> dict[str, float]:
+    """The fine-tuned cell's results and predictions, then its confusion matrix and per-class CSV."""
+    metrics = write_evaluation(root, result, selection, scores, method=FINETUNE, view_protocol=protocol.name, model_ref=source.ref,
+                               grid=grid, run_id=run_id, seed=seed)
+    classes = selection.classes
+    probs = fuse(scores.scores, scores.views)
+    labels = np.array([v.label_index for v in scores.videos], np.int64)
+    order = np.argsort(-probs, axis=1, kind="stable")
     matrix = confusion_matrix(labels, order[:, 0], len(classes))
     title = f"{result.pretrain_recipe} on {selection.dataset} split {selection.split}: top-1 {100 * metrics['top1']:.1f}% ({protocol.name})"
     png = confusion_png(matrix, classes, run_dir / "confusion_matrix.png", title=title)
