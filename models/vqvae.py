@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
+from vector_quantize_pytorch import FSQ, VectorQuantize
 
 
 @dataclass
@@ -39,9 +39,24 @@ class VQVAEConfig:
     kmeans_init: bool = True  # initialise the codebook by k-means on the first batch's latents
     kmeans_iters: int = 10
     dead_code_threshold: float = 2.0  # restart a code whose EMA count per batch falls below this
+    stem_stride: int = 1  # 2: a stride-2 stem and a pixel-shuffle output, no blocks at full resolution
+    mid_blocks: int = 1  # residual blocks at the token resolution, after the encoder and before the decoder
+    quantizer: str = "vq"  # "vq": learned codebook (EMA, k-means init); "fsq": finite scalar quantisation
+    fsq_levels: tuple[int, ...] = ()  # FSQ: levels per latent channel; codebook_size = prod, codebook_dim = len
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(self.channel_mults)  # JSON/YAML configs give lists
+        self.fsq_levels = tuple(self.fsq_levels)
+        if self.quantizer not in ("vq", "fsq"):
+            raise ValueError(f"quantizer must be 'vq' or 'fsq', got {self.quantizer!r}")
+        if self.stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2, got {self.stem_stride}")
+        if self.quantizer == "fsq":
+            if not self.fsq_levels or min(self.fsq_levels) < 3:
+                raise ValueError(f"fsq needs fsq_levels of at least 3 each, got {self.fsq_levels}")
+            # The codebook is implicit: every combination of levels is a code.
+            self.codebook_size = math.prod(self.fsq_levels)
+            self.codebook_dim = len(self.fsq_levels)
 
 
 def tiny() -> VQVAEConfig:
@@ -112,14 +127,18 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         ch = cfg.base_width
-        layers: list[nn.Module] = [nn.Conv2d(cfg.image_channels, ch, 3, padding=1)]
+        # stem_stride 2: a 4x4 stride-2 conv sees each 2x2 pixel block once, so no block runs at
+        # full resolution, where narrow convolutions and norms cost the most time per FLOP.
+        stem = nn.Conv2d(cfg.image_channels, ch, 3, padding=1) if cfg.stem_stride == 1 else nn.Conv2d(cfg.image_channels, ch, 4, stride=2, padding=1)
+        layers: list[nn.Module] = [stem]
         for mult in cfg.channel_mults:
             out = cfg.base_width * mult
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResBlock(ch, out))
                 ch = out
             layers.append(nn.Conv2d(ch, ch, 4, stride=2, padding=1))  # halves H and W
-        layers += [ResBlock(ch, ch), _norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.codebook_dim, 1)]
+        layers += [ResBlock(ch, ch) for _ in range(cfg.mid_blocks)]
+        layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.codebook_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +149,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         ch = cfg.base_width * cfg.channel_mults[-1]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_dim, ch, 3, padding=1), ResBlock(ch, ch)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.codebook_dim, ch, 3, padding=1)]
+        layers += [ResBlock(ch, ch) for _ in range(cfg.mid_blocks)]
         for mult in reversed(cfg.channel_mults):
             out = cfg.base_width * mult
             # Blocks before the upsample (as in VQGAN): full resolution only sees the narrowest width.
@@ -138,7 +158,10 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(ch, out))
                 ch = out
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)]
-        layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.image_channels, 3, padding=1)]
+        if cfg.stem_stride == 1:
+            layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.image_channels, 3, padding=1)]
+        else:  # each position predicts its 2x2 pixel block (pixel shuffle), mirroring the stride-2 stem
+            layers += [_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.image_channels * 4, 3, padding=1), nn.PixelShuffle(2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -151,9 +174,15 @@ class VQVAE(nn.Module):
         self.config = config or VQVAEConfig()
         cfg = self.config
         self.codebook_size = cfg.codebook_size
-        self.downsample = 2 ** len(cfg.channel_mults)
+        self.downsample = cfg.stem_stride * 2 ** len(cfg.channel_mults)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        self.fsq = cfg.quantizer == "fsq"
+        if self.fsq:
+            # Each latent channel is bounded and rounded to one of its levels: no codebook to learn,
+            # no dead codes, no commitment loss; the gradient passes straight through the rounding.
+            self.quantizer = FSQ(levels=list(cfg.fsq_levels), channel_first=True)
+            return
         # dim == codebook_dim: the library adds no projections, so the decoder sees the codebook
         # vectors themselves and decode(encode(x)) is an exact lookup.
         self.quantizer = VectorQuantize(
@@ -183,6 +212,8 @@ class VQVAE(nn.Module):
 
     @property
     def codebook(self) -> torch.Tensor:
+        if self.fsq:
+            return self.quantizer.implicit_codebook  # (K, D): every combination of levels
         return self.quantizer.codebook  # (K, D)
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -192,13 +223,18 @@ class VQVAE(nn.Module):
 
     def forward(self, images: torch.Tensor) -> VQVAEOutput:
         z = self.encode_latents(images)  # (B, D, h, w)
-        # In training mode the library updates the codebook by EMA and restarts dead codes here.
-        z_q, indices, _, breakdown = self.quantizer(z, return_loss_breakdown=True)  # (B, D, h, w), (B, h, w)
-        if self.training:
-            commit = breakdown.commitment
+        if self.fsq:
+            z_q, indices = self.quantizer(z)  # (B, D, h, w), (B, h, w)
+            indices = indices.long()
+            commit = z.new_zeros(())  # the bound keeps latents in range: nothing to commit to
         else:
-            # The library computes no losses in eval mode; report the same quantity for validation.
-            commit = F.mse_loss(z, z_q.detach())
+            # In training mode the library updates the codebook by EMA and restarts dead codes here.
+            z_q, indices, _, breakdown = self.quantizer(z, return_loss_breakdown=True)  # (B, D, h, w), (B, h, w)
+            if self.training:
+                commit = breakdown.commitment
+            else:
+                # The library computes no losses in eval mode; report the same quantity for validation.
+                commit = F.mse_loss(z, z_q.detach())
         recon = (self.decoder(z_q) + 1) / 2  # (B, C, H, W) on the [0, 1] scale
         recon_loss = F.mse_loss(recon, images)
         loss = recon_loss + self.config.commitment_weight * commit
@@ -212,13 +248,18 @@ class VQVAE(nn.Module):
         With k-means init, the first batch a fresh model ever sees initialises the codebook.
         """
         z = self.encode_latents(images)  # (B, D, h, w)
+        if self.fsq:
+            return self.quantizer(z)[1].long()  # (B, h, w)
         _, indices, _ = self.quantizer(z, freeze_codebook=True)  # (B, h, w)
         return indices.long()
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int64 code indices -> (B, C, h*d, w*d) in [0, 1] (clamped)."""
-        z_q = self.quantizer.get_output_from_indices(indices)  # (B, D, h, w): exact codebook rows
+        if self.fsq:
+            z_q = self.quantizer.indices_to_codes(indices)  # (B, D, h, w): the levels each index names
+        else:
+            z_q = self.quantizer.get_output_from_indices(indices)  # (B, D, h, w): exact codebook rows
         return ((self.decoder(z_q) + 1) / 2).clamp(0, 1)
 
     def _check_size(self, images: torch.Tensor) -> None:

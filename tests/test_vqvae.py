@@ -1,4 +1,5 @@
-"""VQ-VAE tokenizer: shapes, exact codebook decoding, EMA, dead-code restarts, a short training run."""
+"""VQ-VAE tokenizer: shapes, exact codebook decoding, EMA, dead-code restarts (learned codebook),
+FSQ (implicit codebook), the stride-2 stem, a short training run."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def smooth_frames(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.stack(frames)
 
 
+def vq_tiny(**kw) -> VQVAEConfig:
+    """The tiny preset's network with a learned (EMA, k-means) codebook of 512 32-d codes."""
+    return dataclasses.replace(tiny(), quantizer="vq", fsq_levels=(), codebook_size=512, codebook_dim=32, **kw)
+
+
 def psnr(mse: float) -> float:
     return -10 * math.log10(mse)
 
@@ -57,15 +63,18 @@ def tokenizer_psnr(model: VQVAE, frames: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "mults,size",
-    [((1, 2), (32, 32)), ((1, 2, 2), (64, 64)), ((1, 2, 2), (32, 48)), ((1, 1, 2, 2), (64, 32))],
+    "mults,stem,size",
+    [((1, 2), 1, (32, 32)), ((1, 2, 2), 1, (64, 64)), ((1, 2, 2), 1, (32, 48)), ((1, 1, 2, 2), 1, (64, 32)),
+     ((1, 2), 2, (64, 64)), ((1, 2), 2, (32, 48))],
 )
-def test_token_shapes_and_range(mults, size):
+@pytest.mark.parametrize("quantizer", ["vq", "fsq"])
+def test_token_shapes_and_range(mults, stem, size, quantizer):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(tiny(), channel_mults=mults, codebook_size=64)
+    q = {"quantizer": "fsq", "fsq_levels": (4, 4, 4)} if quantizer == "fsq" else {"quantizer": "vq", "fsq_levels": (), "codebook_size": 64}
+    cfg = dataclasses.replace(tiny(), channel_mults=mults, stem_stride=stem, **q)
     model = VQVAE(cfg).eval()
-    d = 2 ** len(mults)
-    assert model.downsample == d
+    d = stem * 2 ** len(mults)
+    assert model.downsample == d and model.codebook_size == 64
     images = smooth_frames(4, size=max(size), seed=1)[..., : size[0], : size[1]]
     tokens = model.encode(images)
     assert tokens.shape == (4, size[0] // d, size[1] // d)
@@ -78,13 +87,14 @@ def test_token_shapes_and_range(mults, size):
 
 def test_rejects_sizes_not_multiple_of_downsample():
     model = VQVAE(tiny())
+    assert model.downsample == 8
     with pytest.raises(ValueError, match="multiples of 8"):
         model.encode(torch.rand(1, 3, 36, 32))
 
 
 def test_decode_uses_exact_codebook_vectors():
     torch.manual_seed(0)
-    model = VQVAE(tiny())
+    model = VQVAE(vq_tiny())
     frames = smooth_frames(8, seed=2)
     model(frames)  # k-means init and one EMA step, so the codebook is data-dependent
     model.eval()
@@ -100,7 +110,7 @@ def test_decode_uses_exact_codebook_vectors():
 
 def test_encode_never_updates_codebook_even_in_training_mode():
     torch.manual_seed(0)
-    model = VQVAE(tiny())
+    model = VQVAE(vq_tiny())
     model(smooth_frames(8, seed=3))
     before = model.codebook.clone()
     model.train()
@@ -110,7 +120,7 @@ def test_encode_never_updates_codebook_even_in_training_mode():
 
 def test_loss_is_recon_plus_weighted_commitment_and_codebook_gets_no_gradient():
     torch.manual_seed(0)
-    model = VQVAE(tiny())
+    model = VQVAE(vq_tiny())
     model(smooth_frames(16, seed=4))  # k-means init on other latents, so codes are not the inputs
     out = model(smooth_frames(8, seed=5))
     expected = out.recon_loss + model.config.commitment_weight * out.commit_loss
@@ -129,7 +139,7 @@ def _nearest(latents: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tenso
 
 def test_ema_moves_codes_toward_assigned_inputs():
     torch.manual_seed(0)
-    model = VQVAE(dataclasses.replace(tiny(), dead_code_threshold=0.0, ema_decay=0.8))
+    model = VQVAE(vq_tiny(dead_code_threshold=0.0, ema_decay=0.8))
     model(smooth_frames(16, seed=6))  # k-means init on another batch
     frames = smooth_frames(16, seed=7)
     with torch.no_grad():
@@ -149,7 +159,7 @@ def test_ema_moves_codes_toward_assigned_inputs():
 def test_dead_codes_are_restarted_onto_the_data():
     def run(threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, VQVAE]:
         torch.manual_seed(0)
-        cfg = dataclasses.replace(tiny(), kmeans_init=False, dead_code_threshold=threshold)
+        cfg = vq_tiny(kmeans_init=False, dead_code_threshold=threshold)
         model = VQVAE(cfg)  # random init: most codes are never the nearest to any latent
         batches = [smooth_frames(8, seed=10 + i) for i in range(4)]
         with torch.no_grad():
@@ -224,11 +234,52 @@ def test_state_dict_round_trip_gives_identical_tokens():
 
 
 def test_from_config_accepts_lists_and_rejects_unknown_keys():
-    cfg = dataclasses.asdict(tiny()) | {"channel_mults": [1, 2]}
+    cfg = dataclasses.asdict(vq_tiny(stem_stride=1)) | {"channel_mults": [1, 2]}
     model = VQVAE.from_config(cfg)
     assert model.config.channel_mults == (1, 2) and model.downsample == 4
+    fsq = VQVAE.from_config(dataclasses.asdict(tiny()) | {"quantizer": "fsq", "fsq_levels": [5, 5, 4]})
+    assert fsq.config.fsq_levels == (5, 5, 4) and fsq.codebook_size == 100 and fsq.config.codebook_dim == 3
     with pytest.raises(ValueError, match="unknown"):
         VQVAE.from_config({"codebook_sizes": 10})
+
+
+def test_bad_quantizer_settings_are_refused():
+    with pytest.raises(ValueError, match="quantizer"):
+        VQVAEConfig(quantizer="lfq")
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQVAEConfig(quantizer="fsq", fsq_levels=())
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQVAEConfig(quantizer="fsq", fsq_levels=(8, 2))
+    with pytest.raises(ValueError, match="stem_stride"):
+        VQVAEConfig(stem_stride=4)
+
+
+def test_fsq_codes_are_level_grid_points_and_decode_exactly():
+    """FSQ: the codebook is every combination of levels (no parameters, no EMA, no commitment
+    loss); decode(encode(x)) runs the decoder on exactly the grid point each index names, and the
+    training forward pass quantises to the same tokens; the gradient reaches the encoder."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny(), quantizer="fsq", fsq_levels=(5, 4, 3))
+    model = VQVAE(cfg)
+    assert model.codebook_size == 60 and model.codebook.shape == (60, 3)
+    assert torch.unique(model.codebook, dim=0).shape == (60, 3)
+    assert model.codebook.abs().max() <= 1
+    frames = smooth_frames(8, seed=2)
+    out = model(frames)
+    assert out.commit_loss == 0 and torch.equal(out.loss, out.recon_loss)
+    out.loss.backward()
+    assert model.encoder.net[0].weight.grad.abs().sum() > 0  # straight-through rounding
+    assert 1 <= out.perplexity <= model.codebook_size and 0 < out.usage <= 1
+    model.eval()
+    tokens = model.encode(frames)
+    assert tokens.dtype == torch.int64 and tokens.min() >= 0 and tokens.max() < 60
+    codes = rearrange(model.codebook[tokens], "b h w d -> b d h w")
+    assert torch.equal(model.decode(tokens), ((model.decoder(codes) + 1) / 2).clamp(0, 1))
+    assert torch.equal(model(frames).indices, tokens)
+    # Nothing in the quantizer is state: a round trip through the config and weights gives the same tokens.
+    clone = VQVAE.from_config(model.config_dict())
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.eval().encode(frames), tokens)
 
 
 def test_presets_build_and_satisfy_tokenizer_protocol():
@@ -239,7 +290,7 @@ def test_presets_build_and_satisfy_tokenizer_protocol():
         model = VQVAE(cfg)
         assert isinstance(model, ImageTokenizer)
         assert model.downsample == 8
-        assert model.codebook.shape == (cfg.codebook_size, cfg.codebook_dim)
+        assert model.codebook.shape == (cfg.codebook_size, cfg.codebook_dim) == (model.codebook_size, cfg.codebook_dim)
         counts[name] = num_params(model)
         print(f"{name}: {counts[name]:,} params, {model.downsample}x, {model.codebook_size} codes")
     assert counts["tiny"] < counts["small"] < counts["base"]
