@@ -15,7 +15,7 @@ shared vector, its rows stay parallel to it, the backbone's gradient points alon
 final LayerNorm projects it out: training sits at ln(C) for thousands of steps. Standardising
 each feature over the batch removes the shared vector and scales the per-clip differences to
 unit variance, so the first steps are a linear probe and the backbone gets class-specific
-gradients; the prediction still starts uniform. `head_norm = "none"` is the paper's bare layer.
+gradients; the prediction still starts uniform. Under DDP the statistics span the global batch. `head_norm = "none"` is the paper's bare layer.
 
 `pool = "mean"` uses the mean of the last layer's token states (padding excluded) instead of
 [CLS], as MAE/VideoMAE fine-tune: mask-then-predict trains the token states, not [CLS].
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbone import BackboneConfig, VideoTransformer, config_from_dict
+from models.heads import SyncBatchNorm1d
 
 POOLS = ("cls", "mean")
 HEAD_NORMS = ("batch", "none")
@@ -83,7 +84,7 @@ class VideoClassifier(nn.Module):
         super().__init__()
         self.config = cfg
         self.backbone = VideoTransformer(cfg.backbone)
-        self.norm = nn.BatchNorm1d(cfg.backbone.dim, affine=False, eps=BN_EPS) if cfg.head_norm == "batch" else nn.Identity()
+        self.norm = SyncBatchNorm1d(cfg.backbone.dim, affine=False, eps=BN_EPS) if cfg.head_norm == "batch" else nn.Identity()
         self.dropout = nn.Dropout(cfg.head_dropout)
         self.fc = nn.Linear(cfg.backbone.dim, cfg.n_classes)
         nn.init.zeros_(self.fc.weight)

@@ -22,6 +22,7 @@ where every tokenizer and pretrain flow records the `model_uri` it registered.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,12 +40,14 @@ from stages.config import (
     FramesConfig,
     GridConfig,
     GridDataset,
+    GridModel,
+    GridPretrain,
     IngestConfig,
     PipelineConfig,
     cache_dict,
     config_hash,
 )
-from stages.finetune.grid import expand_grid
+from stages.finetune.grid import expand_grid, recipe_configs
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -746,30 +749,120 @@ class _Planner:
                 r.skipped = f"skipped: an earlier stage fails for {', '.join(blocked)}"
             self.rows.extend(by_dataset.values())
             return
-        grid = GridConfig(name=self.cfg.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
-                          set=stage.set)
+        base = None
+        if any(m.is_recipe for m in models):
+            base = GridPretrain(datasets=[d for d in (self.cfg.pretrain.datasets or self.pretraining_names())], preset="default",
+                                tokenizer=self.cfg.pretrain.tokenizer,
+                                config=self.cfg.pretrain.model_dump(mode="json", exclude={"datasets", "tokenizer"}))
         try:
+            grid = GridConfig(name=self.cfg.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
+                              set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base)
             cells = expand_grid(grid)
-        except ConfigError as e:  # as the evaluate flow: a bad preset or override fails the whole grid
-            cells = []
+            recipes = recipe_configs(grid)
+        except (ConfigError, ValueError) as e:  # as the evaluate flow: a bad preset or override fails the whole grid
+            cells, recipes = [], []
             for r in by_dataset.values():
                 r.error = f"fails: {e}"
+        pending_recipes = self.recipe_rows(recipes)
         for c in cells:
-            self.cell(by_dataset[c.dataset], c.model, c.dataset, c.split, c.config)
+            row = by_dataset[c.dataset]
+            if c.model.is_recipe:
+                recipe = pending_recipes.get((c.model.name, c.seed))
+                if recipe is None or isinstance(recipe, str):
+                    row.run += 1
+                    row.add(upstream("pretrain", f"recipe {c.model.name}") if recipe is None else recipe)
+                    continue
+                c = dataclasses.replace(c, model=recipe)
+            self.cell(row, c.model, c.dataset, c.split, c.config, kind=c.kind, methods=c.methods)
         first = next(iter(by_dataset.values()))
         first.notes.extend(notes)
         self.rows.extend(by_dataset.values())
 
-    def cell(self, row: StagePlan, model, dataset: str, split: str, cfg: FinetuneConfig) -> None:
+    def probe_frames(self, model, cfg: FinetuneConfig) -> int | None:
+        """T of the backbone a probe cell would run: the scratch preset's or the checkpoint's."""
+        from models.backbone import PRESETS as BACKBONES
+        from stages.finetune.train import SCRATCH
+
+        if model.ref == SCRATCH:
+            return BACKBONES[cfg.model.scratch_preset]().frames
+        try:
+            import torch
+
+            ckpt = torch.load(Path(model.ref).expanduser(), map_location="cpu", weights_only=True, mmap=True)
+            return int(ckpt["model_config"]["backbone"]["frames"])
+        except Exception:  # noqa: BLE001 - unknown: the planner then counts the cell as to run
+            return None
+
+    def pretraining_names(self) -> list[str]:
+        labeled = {d.name for d in self.cfg.datasets if self.facts(d)[0]}
+        names = [d.name for d in self.cfg.datasets]
+        return [n for n in names if n not in labeled] or names
+
+    def recipe_rows(self, recipes) -> dict:
+        """A `pretrain` plan row per recipe of the evaluate grid (units: its seeds); returns
+        (name, seed) -> the finished model it stands for, or None where it would train first."""
+        from stages.pretrain.train import pretrain_run
+
+        out: dict = {}
+        rows: dict[str, StagePlan] = {}
+        for model, seed, cfg in recipes:
+            row = rows.setdefault(model.name, StagePlan("pretrain", f"recipe {model.name} ({'+'.join(cfg.datasets)})", "run"))
+            if self.force:
+                row.run += 1
+                row.add(FORCED)
+                continue
+            changed = [n for n in cfg.datasets if (t := self.tokens.get(n)) and t.changed]
+            if changed:
+                row.run += 1
+                row.add(upstream("tokenize", ", ".join(changed)))
+                continue
+            identity = cfg.tokenizer or (self.pretrained[1] if self.pretrained and self.pretrained[1] else "")
+            try:
+                run = pretrain_run(self.root, list(cfg.datasets), cfg.model_copy(update={"tokenizer": identity}) if identity else cfg,
+                                   self.world_size)
+            except (ConfigError, FileNotFoundError, ValueError) as e:
+                row.error = f"fails: {e}"
+                out[(model.name, seed)] = f"fails: recipe {model.name}: {e}"
+                continue
+            if run.finished:
+                row.cached += 1
+                out[(model.name, seed)] = GridModel(ref=str(run.final), name=model.name, preset=model.preset)
+            else:
+                row.run += 1
+                row.add(UNFINISHED if run.last.exists() else NEW)
+        self.rows.extend(rows.values())
+        return out
+
+    def cell(self, row: StagePlan, model, dataset: str, split: str, cfg: FinetuneConfig, *, kind: str = "finetune",
+             methods: list[str] | None = None) -> None:
         from stages.finetune.train import (
             CODE_VERSION, EVAL_VERSION, SCRATCH, cell_keys, cell_tokenizer, existing_results, pretrained_identity, scratch_identity,
         )
         from stages.finetune.train import protocol_for as protocol
         from stages.finetune.splits import select_split
 
+        from stages.finetune.probe import bag_eval_id, probe_eval_ids
+
         if self.force:
             row.run += 1
             row.add(FORCED)
+            return
+        if kind == "bag_of_codes":
+            try:
+                tokenizer = cell_tokenizer(self.root, dataset, cfg, None, False, "bag-of-codes")
+                selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+            except (ConfigError, FileNotFoundError) as e:
+                if (t := self.tokens.get(dataset)) is not None and t.changed:
+                    row.run += 1
+                    row.add(upstream("tokenize", dataset))
+                else:
+                    row.error = f"fails: bag of codes split {split}: {e}"
+                return
+            if existing_results(self.root, bag_eval_id(dataset, selection, tokenizer, cfg.train.seed)):
+                row.cached += 1
+            else:
+                row.run += 1
+                row.add(NEW)
             return
         label = "scratch" if model.ref == SCRATCH else "pretrained" if model.ref == PRETRAINED else (model.name or model.ref)
         pretrained = model.ref != SCRATCH
@@ -818,6 +911,15 @@ class _Planner:
                                          protocol(cfg, selection.flip_sensitive))
         except (ConfigError, FileNotFoundError) as e:
             row.error = f"fails: {label} split {split}: {e}"
+            return
+        if kind == "probe":
+            frames = cfg.data.frames or self.probe_frames(model, cfg)
+            ids = probe_eval_ids(cfg, identity, dataset, selection, tokenizer, frames, methods or [])
+            if all(existing_results(self.root, e) for _, e in ids):
+                row.cached += 1
+            else:
+                row.run += 1
+                row.add(NEW)
             return
         if existing_results(self.root, eval_id):
             row.cached += 1

@@ -115,3 +115,34 @@ def test_torchrun_fine_tunes_one_cell_on_two_ranks(root):
     assert cell["n_eval"] == 6 and cell["steps"] == 2 * 4 * 2  # 12 videos / (4 x 2 ranks) = 2 batches, 2 epochs, 4x scratch
     assert Catalog(root).rows("SELECT count(*) FROM predictions")[0][0] == 6, "both ranks' scores, written once"
     assert Catalog(root).rows("SELECT status FROM runs WHERE stage = 'finetune'") == [("completed",)]
+
+
+@pytest.mark.slow
+def test_recipe_rows_pretrain_once_per_seed_and_every_seed_is_its_own_row(prefect_harness, root):
+    """A grid row that is a pretraining recipe is trained on demand (once per seed), cached by
+    its run key on the next run, and evaluated with the other protocols; seeds give distinct rows."""
+    import numpy as np
+
+    from flows.evaluate import evaluate
+    from stages.config import GridConfig, build
+    from test_pretrain_data import write_shard
+
+    labeled_dataset(root, "alpha")
+    codes = lambda vid, n, nv: np.random.default_rng(vid).integers(0, 64, size=(nv, n, 4, 4)).astype(np.uint16)  # noqa: E731
+    write_shard(root, "pre", 0, list(range(6)), codebook=64, make_tokens=codes)
+    grid = build(GridConfig, {
+        "name": "recipes", "models": ["scratch", {"name": "mask-only", "pretrain": {"model": {"objective": "mp"}}}],
+        "datasets": [{"name": "alpha", "splits": [1]}], "presets": ["micro"], "protocols": ["finetune", "knn", "bag_of_codes"],
+        "seeds": [0, 1], "pretrain": {"datasets": ["pre"], "preset": "micro", "set": ["train.epochs=2"]}, "set": ["train.epochs=1"]})
+    first = evaluate(grid, str(root.home))
+    assert not first["failed"] and len(first["cells"]) == 2 * (2 * 2 + 1)  # seeds x (models x {finetune, probe} + bag of codes)
+    catalog = Catalog(root)
+    pretrains = catalog.rows("SELECT summary->>'run_key', summary->>'cached' FROM runs WHERE stage = 'pretrain' ORDER BY ALL")
+    assert len(pretrains) == 2 and len({k for k, _ in pretrains}) == 2, "one pretraining per seed"
+    rows = catalog.rows("SELECT pretrain_recipe, protocol, seed, count(DISTINCT eval_id) FROM results WHERE metric = 'top1' GROUP BY ALL ORDER BY ALL")
+    assert rows == sorted([(r, p, s, 1) for s in (0, 1) for r in ("mask-only", "scratch") for p in ("finetune", "knn:cls", "knn:mean")]
+                          + [("bag-of-codes", "bag_of_codes", s, 1) for s in (0, 1)])
+    again = evaluate(grid, str(root.home))
+    assert all(c["cached"] for c in again["cells"].values())
+    cached = catalog.rows("SELECT summary->>'cached' FROM runs WHERE stage = 'pretrain' AND status = 'completed' ORDER BY finished_at DESC LIMIT 2")
+    assert [c for (c,) in cached] == ["true", "true"], "the recipe is trained once: the second run reuses it"

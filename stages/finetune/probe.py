@@ -99,6 +99,20 @@ def extract_features(backbone: VideoTransformer, root: DataRoot, selection: Spli
     return VideoFeatures(keys, np.array(labels, np.int64), {p: (s / counts).float().numpy() for p, s in sums.items()})
 
 
+def probe_eval_ids(cfg: FinetuneConfig, identity: str, dataset: str, selection: SplitSelection, tokenizer: str, frames: int,
+                   methods: list[str]) -> list[tuple[str, str]]:
+    """(protocol name, eval id) of each result a probe cell writes; pure, so `vimpac plan` can ask."""
+    protocol = Protocol(cfg.eval.clips, CENTER)
+    base = [PROBE_VERSION, identity, dataset, selection.split, _fingerprint(selection.shards), tokenizer, selection.classes,
+            protocol.name, frames, cfg.train.seed]
+    return [(f"{m}:{p}", _probe_eval_id(*base, f"{m}:{p}", KNN_K if m == "knn" else None)) for m in PROBE_METHODS if m in methods
+            for p in POOLINGS]
+
+
+def bag_eval_id(dataset: str, selection: SplitSelection, tokenizer: str, seed: int) -> str:
+    return _probe_eval_id(BAG_VERSION, dataset, selection.split, _fingerprint(selection.shards), tokenizer, selection.classes, seed)
+
+
 def _scores(selection: SplitSelection, keys: list[str], probs: np.ndarray, view: str) -> EvalScores:
     order = {v.key: v for v in selection.eval}
     return EvalScores([order[k] for k in keys], [view], probs[:, None, :].astype(np.float32))
@@ -124,13 +138,8 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
     identity = pretrained.identity if pretrained else scratch_identity(cfg)
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)
     where = f"{recipe} on {dataset} split {selection.split} (frozen features, {protocol.name})"
-    wanted = [(m, p) for m in PROBE_METHODS if m in methods for p in POOLINGS]
-    base = [PROBE_VERSION, identity, dataset, selection.split, _fingerprint(selection.shards), tokenizer, selection.classes,
-            protocol.name, bcfg.frames, seed]
     results: list[CellResult] = []
-    for method, pool in wanted:
-        name = f"{method}:{pool}"
-        eval_id = _probe_eval_id(*base, name, KNN_K if method == "knn" else None)
+    for name, eval_id in probe_eval_ids(cfg, identity, dataset, selection, tokenizer, bcfg.frames, methods):
         results.append(CellResult(eval_id, "", dataset, selection.split, recipe, identity, None, tokenizer, name, {}, False,
                                   n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
                                   view_protocol=protocol.name, seed=seed, code_version=PROBE_VERSION))
@@ -187,7 +196,7 @@ def bag_of_codes_cell(root: DataRoot, dataset: str, split: str, cfg: FinetuneCon
     tokenizer = tokenizer or cell_tokenizer(root, dataset, cfg, None, False, BAG_RECIPE)
     selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
     codebook = selection.shards[0].codebook_size
-    eval_id = _probe_eval_id(BAG_VERSION, dataset, selection.split, _fingerprint(selection.shards), tokenizer, selection.classes, seed)
+    eval_id = bag_eval_id(dataset, selection, tokenizer, seed)
     result = CellResult(eval_id, "", dataset, selection.split, BAG_RECIPE, None, None, tokenizer, BAG_OF_CODES, {}, False,
                         n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
                         view_protocol="all-frames-center", seed=seed, code_version=BAG_VERSION)

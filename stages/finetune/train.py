@@ -416,8 +416,6 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
             model.backbone.layers[i] = torch.compile(layer)
     net: torch.nn.Module = model
     if world > 1:
-        # The head's BatchNorm standardises over the global batch, as the contrastive head's does.
-        model.norm = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.norm)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     stream = {"epoch": epoch, "pos": consumed}
@@ -563,33 +561,32 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
 
 @torch.no_grad()
 def recompute_head_statistics(model: VideoClassifier, batches, n_batches: int, device: torch.device, amp: bool) -> int:
-    """Precise BatchNorm (SlowFast's precise BN): the head's running statistics are re-estimated
-    as the plain average over `n_batches` training batches seen by the final model in eval mode
-    (no dropout), replacing the momentum average of features from earlier, changing models.
-    Under DDP the ranks average their estimates. Returns the batches used."""
+    """Precise BatchNorm (SlowFast's precise BN): the head's running mean and variance become the
+    exact statistics of the final model's features (eval mode: no dropout) over `n_batches`
+    training batches, summed over all ranks, instead of a momentum average of features from
+    earlier, changing models. Returns the batches this rank used."""
     norm = model.norm
     if not isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
         return 0
     model.eval()
-    norm.reset_running_stats()
-    momentum, norm.momentum = norm.momentum, None  # None: cumulative moving average
-    norm.train()
+    total = torch.zeros(2 * norm.num_features + 1, dtype=torch.float64, device=device)  # sum, sum of squares, count
     used = 0
     for batch in batches:
         if used >= n_batches:
             break
         tokens = batch["tokens"][:, 0].to(device)
-        if tokens.shape[0] < 2:
-            continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feature = model.features(tokens)
-        norm(feature.float())
+            feature = model.features(tokens).double()  # (B, D)
+        total += torch.cat([feature.sum(0), (feature * feature).sum(0), feature.new_tensor([feature.shape[0]])])
         used += 1
-    norm.momentum = momentum
-    model.eval()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        for buffer in (norm.running_mean, norm.running_var):
-            buffer.copy_(D.all_reduce_sum(buffer.clone()) / torch.distributed.get_world_size())
+    total = D.all_reduce_sum(total)
+    count = float(total[-1])
+    if count >= 2:
+        d = norm.num_features
+        mean = total[:d] / count
+        var = (total[d : 2 * d] / count - mean * mean).clamp_min(0) * count / (count - 1)
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.to(norm.running_var.dtype))
     return used
 
 
