@@ -4,8 +4,8 @@ Everything is procedurally rendered with vectorised numpy and streamed into ffmp
 `stages.media.encode_video`, so the same seed and scale give byte-identical files and memory
 does not grow with video length.
 
-- `demo-pretrain` ("directory" layout): long videos of 3-5 textured objects moving over a
-  panning textured background, with a new scene every 3-6 s.
+- `demo-pretrain` ("directory" layout): long videos of 3-5 objects moving over a panning
+  background, with a new scene every 3-6 s.
 - `demo-motion` (temporally heavy): the class is the direction an object moves. The object
   wraps around the frame edges (a torus) and starts anywhere, so its position in any single
   frame is uniform whatever the class; only frame-to-frame motion gives the label away, and a
@@ -16,6 +16,10 @@ does not grow with video length.
 The labeled sets follow UCF101: `videos/<Class>/v_<Class>_gGG_cCC.<ext>` and
 `splits/{classInd,trainlistNN,testlistNN}.txt`. Clips in one group share a background (as
 UCF101 groups share an actor and a place), which is why splits hold out whole groups.
+
+Backgrounds are smooth (gradients, broad stripes, value noise) and objects flat or gently
+shaded in colours far from their background's: at the 64 px the demo tokenizes at, a VQ-VAE
+with 8x8-pixel tokens can keep every object's outline and colour (see `_pattern`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from stages.media import encode_video
 
 # Part of the parameters stored in corpus.json: bump it whenever rendering changes, so an
 # existing corpus made by older code is regenerated instead of silently mixed with new files.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: low-frequency backgrounds, flat or gently shaded objects
 
 FPS = 24
 PRETRAIN_SIZE = (120, 160)  # (H, W)
@@ -84,25 +88,32 @@ def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.nd
     return top * (1 - fy) + bottom * fy
 
 
-def _pattern(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A (h, w) pattern in [0, 1]: stripes, checkers, rings or smooth noise."""
+def _pattern(rng: np.random.Generator, h: int, w: int, solid: float = 0.0) -> np.ndarray:
+    """A (h, w) pattern in [0, 1] without fine detail: a linear or radial gradient, broad soft
+    stripes or smooth value noise, or (with probability `solid`) a flat 0.5.
+
+    The demo is tokenized at 64 px, where 8x8-pixel tokens from a small codebook (9 bits each for
+    the tiny preset's 512 codes) can carry shapes, colours and gradients but not texture a few pixels in period (no
+    tokenizer of that size can). So no feature here is finer than about 40 source pixels
+    (20-27 px at 64 px, three tokens), and every bit a token has is left for the objects, whose
+    outlines and motion are what the classes depend on.
+    """
+    if rng.random() < solid:
+        return np.full((h, w), 0.5, dtype=np.float32)
     kind = rng.integers(4)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    theta = rng.uniform(0, math.pi)
+    theta = rng.uniform(0, 2 * math.pi)
     u = xx * math.cos(theta) + yy * math.sin(theta)
-    v = -xx * math.sin(theta) + yy * math.cos(theta)
-    period = rng.uniform(4, 16)
-    if kind == 0:
-        p = 0.5 + 0.5 * np.sin(2 * math.pi * u / period + rng.uniform(0, 2 * math.pi))
-        if rng.random() < 0.5:
-            p = (p > 0.5).astype(np.float32)
-    elif kind == 1:
-        p = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
-    elif kind == 2:
-        cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        p = 0.5 + 0.5 * np.sin(2 * math.pi * np.hypot(yy - cy, xx - cx) / period)
-    else:
-        p = 0.65 * _value_noise(rng, h, w, rng.uniform(6, 20)) + 0.35 * _value_noise(rng, h, w, rng.uniform(2, 5))
+    if kind == 0:  # linear gradient across the whole extent
+        p = (u - u.min()) / max(float(u.max() - u.min()), 1.0)
+    elif kind == 1:  # radial gradient around a random centre
+        r = np.hypot(yy - rng.uniform(0, h), xx - rng.uniform(0, w))
+        p = r / max(float(r.max()), 1.0)
+    elif kind == 2:  # broad soft stripes
+        p = 0.5 + 0.5 * np.sin(2 * math.pi * u / rng.uniform(80, 160) + rng.uniform(0, 2 * math.pi))
+    else:  # smooth value noise, stretched towards the full range (never steeper than twice)
+        p = _value_noise(rng, h, w, rng.uniform(40, 80))
+        p = (p - p.min()) / max(float(p.max() - p.min()), 0.5)
     return p.astype(np.float32)
 
 
@@ -110,24 +121,34 @@ def _luma(rgb: np.ndarray) -> float:
     return float(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
 
 
-def _palette(rng: np.random.Generator, avoid_luma: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Two colours for a pattern; with avoid_luma, their mean brightness differs from it so
-    an object stays visible against its background."""
-    for _ in range(100):
+def _segment_distance(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """RGB distance from colour c to the nearest colour on the blend a -> b."""
+    ab = b - a
+    t = float(np.clip((c - a) @ ab / max(float(ab @ ab), 1e-6), 0.0, 1.0))
+    return float(np.linalg.norm(c - (a + t * ab)))
+
+
+def _palette(rng: np.random.Generator, avoid: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours for a pattern, differing in brightness. With `avoid` (a background's two
+    colours), both are far from every blend of those, so an object stands out against every
+    part of its background, not only against the background's average."""
+    for _ in range(200):
         c0 = rng.uniform(0, 255, 3).astype(np.float32)
         c1 = rng.uniform(0, 255, 3).astype(np.float32)
-        if abs(_luma(c0) - _luma(c1)) < 40:
-            continue
-        if avoid_luma is None or abs(_luma((c0 + c1) / 2) - avoid_luma) > 50:
-            break
+        if avoid is None:
+            if abs(_luma(c0) - _luma(c1)) >= 60:
+                break
+        elif abs(_luma(c0) - _luma(c1)) < 60 and min(_segment_distance(c, *avoid) for c in (c0, c1, (c0 + c1) / 2)) > 90:
+            break  # object colours: a gentle shade, both ends far from the background
     return c0, c1
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, avoid_luma: float | None = None) -> np.ndarray:
-    """A (h, w, 3) float32 texture in [0, 255]."""
-    c0, c1 = _palette(rng, avoid_luma)
-    p = _pattern(rng, h, w)[..., None]
-    return c0 * (1 - p) + c1 * p
+def _texture(rng: np.random.Generator, h: int, w: int, avoid: tuple[np.ndarray, np.ndarray] | None = None,
+             solid: float = 0.0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A (h, w, 3) float32 texture in [0, 255] and its two colours."""
+    c0, c1 = _palette(rng, avoid)
+    p = _pattern(rng, h, w, solid)[..., None]
+    return c0 * (1 - p) + c1 * p, (c0, c1)
 
 
 def _shape_alpha(kind: str, radius: float, angle: float, aspect: float = 1.0) -> np.ndarray:
@@ -189,9 +210,11 @@ class _Sprite:
                 self.pos[k] = np.clip(self.pos[k], lo[k], hi[k])
 
 
-def _random_object(rng: np.random.Generator, kind: str, radius: float, bg_luma: float | None) -> tuple[np.ndarray, np.ndarray]:
+def _random_object(rng: np.random.Generator, kind: str, radius: float, bg: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A shape's coverage and colours: flat half the time, else gently shaded, and far in
+    colour from every part of the background `bg` (its two colours)."""
     alpha = _shape_alpha(kind, radius, rng.uniform(0, 2 * math.pi), aspect=rng.uniform(0.5, 1.0))
-    rgb = _texture(rng, alpha.shape[0], alpha.shape[1], avoid_luma=bg_luma)
+    rgb, _ = _texture(rng, alpha.shape[0], alpha.shape[1], avoid=bg, solid=0.5)
     return alpha, rgb
 
 
@@ -201,15 +224,14 @@ def _pretrain_frames(rng: np.random.Generator, n_frames: int, size: tuple[int, i
     emitted = 0
     while emitted < n_frames:
         length = min(n_frames - emitted, int(round(rng.uniform(3, 6) * FPS)))
-        canvas = _texture(rng, h + 2 * pad, w + 2 * pad)
-        bg_luma = _luma(canvas.mean(axis=(0, 1)))
+        canvas, bg_colours = _texture(rng, h + 2 * pad, w + 2 * pad)
         canvas = (canvas + 0.5).astype(np.uint8)
         # The camera pans linearly between two offsets inside the padded canvas.
         start, end = rng.integers(0, 2 * pad + 1, 2), rng.integers(0, 2 * pad + 1, 2)
         objects = []
         for _ in range(int(rng.integers(3, 6))):
             kind = str(rng.choice(["disc", "ellipse", "rect", "Triangle", "Cross"]))
-            alpha, rgb = _random_object(rng, kind, rng.uniform(8, 24), bg_luma)
+            alpha, rgb = _random_object(rng, kind, rng.uniform(8, 24), bg_colours)
             pos = rng.uniform([0, 0], [w, h])
             speed, heading = rng.uniform(0.3, 3.0), rng.uniform(0, 2 * math.pi)
             objects.append(_Sprite(alpha, rgb, pos, speed * np.array([math.cos(heading), math.sin(heading)])))
@@ -227,11 +249,10 @@ def _pretrain_frames(rng: np.random.Generator, n_frames: int, size: tuple[int, i
 def _motion_frames(group_rng: np.random.Generator, rng: np.random.Generator, cls: str, n_frames: int, size: tuple[int, int]) -> Iterator[np.ndarray]:
     h, w = size
     # Static background, shared by the group: the only thing that moves is the object.
-    bg = _texture(group_rng, h, w)
-    bg_luma = _luma(bg.mean(axis=(0, 1)))
+    bg, bg_colours = _texture(group_rng, h, w)
     bg = (bg + 0.5).astype(np.uint8)
     kind = str(rng.choice(["disc", "ellipse", "rect", "Triangle", "Cross"]))
-    alpha, rgb = _random_object(rng, kind, rng.uniform(8, 14), bg_luma)
+    alpha, rgb = _random_object(rng, kind, rng.uniform(8, 14), bg_colours)
     heading = MOTION_ANGLES[cls] + rng.uniform(-0.25, 0.25)
     speed = rng.uniform(1.0, 3.0)
     sprite = _Sprite(alpha, rgb, rng.uniform([0, 0], [w, h]), speed * np.array([math.cos(heading), math.sin(heading)]))
@@ -249,12 +270,11 @@ def _motion_frames(group_rng: np.random.Generator, rng: np.random.Generator, cls
 def _shape_frames(group_rng: np.random.Generator, rng: np.random.Generator, cls: str, n_frames: int, size: tuple[int, int]) -> Iterator[np.ndarray]:
     h, w = size
     pad = 12
-    canvas = _texture(group_rng, h + 2 * pad, w + 2 * pad)
-    bg_luma = _luma(canvas.mean(axis=(0, 1)))
+    canvas, bg_colours = _texture(group_rng, h + 2 * pad, w + 2 * pad)
     canvas = (canvas + 0.5).astype(np.uint8)
     start, end = rng.integers(0, 2 * pad + 1, 2), rng.integers(0, 2 * pad + 1, 2)
     radius = rng.uniform(18, 30)
-    alpha, rgb = _random_object(rng, cls, radius, bg_luma)
+    alpha, rgb = _random_object(rng, cls, radius, bg_colours)
     half = alpha.shape[0] / 2
     lo, hi = np.array([half, half]), np.array([w - half, h - half])
     speed, heading = rng.uniform(0.3, 2.0), rng.uniform(0, 2 * math.pi)

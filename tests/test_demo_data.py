@@ -12,7 +12,8 @@ import av
 import numpy as np
 import pytest
 
-from stages.demo_data import DemoDataset, generate_demo_corpus, load_demo_corpus
+from stages.demo_data import (CLIP_SIZE, PRETRAIN_SIZE, DemoDataset, _motion_frames, _palette, _pattern, _pretrain_frames, _rng,
+                              _segment_distance, _shape_frames, _texture, generate_demo_corpus, load_demo_corpus)
 
 PRETRAIN_SECONDS = 3.0  # keeps the pretraining videos short; labeled clips are always 4 s
 VIDEO_EXTS = {".mp4", ".webm", ".mkv"}
@@ -242,3 +243,38 @@ def test_counts_grow_with_scale(corpus, small_seed1, tmp_path):
     assert small["demo-motion"].n_videos == small["demo-shapes"].n_videos == 4 * 3 * 1
     with pytest.raises(ValueError):
         generate_demo_corpus(tmp_path / "bad", scale=0)
+
+
+def test_rendering_is_deterministic_without_the_encoder():
+    """The same generator keys give the same pixels (the byte-identical files above also need a
+    deterministic encoder); other keys give other pixels."""
+    def pretrain(i):
+        return np.stack(list(_pretrain_frames(_rng(0, "demo-pretrain", i), 30, PRETRAIN_SIZE)))
+
+    def clip(render, cls, g, c):
+        return np.stack(list(render(_rng(0, "x", "group", g), _rng(0, "x", "clip", g, c), cls, 8, CLIP_SIZE)))
+
+    assert np.array_equal(pretrain(0), pretrain(0)) and not np.array_equal(pretrain(0), pretrain(1))
+    for render, cls in ((_motion_frames, "MoveLeft"), (_shape_frames, "Triangle")):
+        assert np.array_equal(clip(render, cls, 1, 1), clip(render, cls, 1, 1))
+        assert not np.array_equal(clip(render, cls, 1, 1), clip(render, cls, 1, 2))
+
+
+def test_textures_are_smooth_and_objects_stand_out_from_every_part_of_their_background():
+    """At the 64 px the demo is tokenized at, 8x8-pixel tokens can keep gradients and outlines
+    but not stripes a few pixels in period: no pattern changes by more than a tenth of its range
+    from one source pixel to the next (a feature spans tens of pixels), at background and at
+    object size. Object colours are far from every blend of their background's two colours, so
+    outlines stay visible wherever an object is."""
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        for h, w in ((144, 208), (120, 152), (40, 40), (19, 19)):
+            p = _pattern(rng, h, w)
+            assert p.shape == (h, w) and p.min() >= 0 and p.max() <= 1
+            step = max(np.abs(np.diff(p, axis=0)).max(), np.abs(np.diff(p, axis=1)).max())
+            assert step < 0.1, (seed, h, w, step)
+        _, bg = _texture(rng, 8, 8)
+        c0, c1 = _palette(rng, avoid=bg)
+        assert min(_segment_distance(c, *bg) for c in (c0, c1, (c0 + c1) / 2)) > 90, seed
+    flat = _pattern(np.random.default_rng(0), 9, 9, solid=1.0)
+    assert (flat == 0.5).all()
