@@ -104,8 +104,11 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
         if "tokenizer" in config.stages and config.datasets:
             train_on = pretraining_datasets(catalog, config, config.tokenizer.datasets, "tokenizer.datasets")
             first = next(d for d in config.datasets if d.name == train_on[0])
+            # Its PSNR is reported on every dataset the pipeline tokenizes with it.
+            evaluate_on = [d.name for d in config.datasets if not any(f.startswith(f"{d.name}/") for f in failed)] \
+                if "tokenize" in config.stages else None
             trained = run("tokenizer", tokenizer, "+".join(train_on), first, config.tokenizer, str(root.home), force,
-                          frame_size=config.tokenizer.size or config.frames.size, train_on=train_on)
+                          frame_size=config.tokenizer.size or config.frames.size, train_on=train_on, evaluate_on=evaluate_on)
             if trained is not None and not tokenizer_ref:
                 tokenizer_ref = trained["model_uri"]
         if "tokenize" in config.stages:

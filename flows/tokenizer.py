@@ -40,7 +40,7 @@ def resolve_tokenizer(ref: str, device: str) -> LoadedTokenizer:
     "model registry. A finished training run with the same config and data is reused.",
 )
 def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, home: str | None = None, force: bool = False,
-              frame_size: int | None = None, train_on: list[str] | None = None) -> dict:
+              frame_size: int | None = None, train_on: list[str] | None = None, evaluate_on: list[str] | None = None) -> dict:
     """Train (or reuse) a VQ-VAE tokenizer and register it.
 
     Args:
@@ -50,14 +50,19 @@ def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, hom
         force: train again even if a finished run with this config and data exists.
         frame_size: side of the frames to train on (default: the frames stage's size).
         train_on: several datasets' frames at once (default: config.datasets, else `dataset`).
+        evaluate_on: datasets whose reconstruction PSNR to report besides the training datasets (the pipeline
+            passes every dataset it tokenizes); a warning names each one reconstructed within 3 dB of its mean frame.
+            Not part of the run key: a trained tokenizer is reused whatever is evaluated.
     """
     from stages.tokenizer.train import train_tokenizer
 
     config = config or TokenizerConfig()
     datasets = train_on or config.datasets or [dataset.name]
-    resolved = {"dataset": dataset.model_dump(), "tokenizer": config.model_dump(), "train_on": datasets, "force": force}
+    resolved = {"dataset": dataset.model_dump(), "tokenizer": config.model_dump(), "train_on": datasets, "force": force,
+                "evaluate_on": list(evaluate_on or [])}
     with stage_flow_run("tokenizer", dataset.name, home, resolved, lock_key="+".join(sorted(datasets)) + "-" + config_hash(config)[:8]) as ctx:
-        trained = train_tokenizer(ctx.root, datasets, config, reporter=ctx.reporter, frame_size=frame_size, force=force)
+        trained = train_tokenizer(ctx.root, datasets, config, reporter=ctx.reporter, frame_size=frame_size, force=force,
+                                  evaluate_on=evaluate_on)
         uri = register_checkpoint(
             trained.checkpoint, config.register_as, trained.run_key,
             {"vimpac.data_fingerprint": trained.data_fingerprint, "vimpac.datasets": ",".join(datasets),
@@ -67,9 +72,14 @@ def tokenizer(dataset: DatasetConfig, config: TokenizerConfig | None = None, hom
         ctx.reporter.info(f"tokenizer {'reused' if trained.cached else 'trained'}: {uri} ({trained.checkpoint})")
         summary = {"dataset": dataset.name, "model_uri": uri, "checkpoint": str(trained.checkpoint), "cached": trained.cached,
                    "steps": trained.steps, "run_key": trained.run_key, "data_fingerprint": trained.data_fingerprint,
-                   **{k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))}}
+                   **{k: v for k, v in trained.metrics.items() if isinstance(v, (int, float))},
+                   "evaluated": {name: {k: r[k] for k in ("psnr", "baseline_psnr", "frames", "videos", "held_out")}
+                                 for name, r in trained.evaluation.items()},
+                   "warnings": trained.warnings}
         if trained.grid_png is not None and Path(trained.grid_png).exists():
             ctx.reporter.artifact(trained.grid_png)
+        if (Path(trained.checkpoint).parent / "eval.json").exists():
+            ctx.reporter.artifact(Path(trained.checkpoint).parent / "eval.json")  # per-dataset figures
         return record_outcome(ctx, "tokenizer", summary, [], [])
 
 

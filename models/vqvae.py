@@ -10,7 +10,13 @@ Decoder: mirror of the encoder with nearest-neighbour upsampling.
 Pixels enter in [0, 1] and are mapped to [-1, 1] inside; `recon_loss` is the MSE measured on the
 [0, 1] scale, so PSNR in dB is `-10 * log10(recon_loss)`.
 
-Presets: `tiny()` for CPU tests, `small()` for small data, `base()` paper-scale (8x, 8192 codes).
+Quantizer `fsq` instead: finite scalar quantisation (`vector_quantize_pytorch.FSQ`, Mentzer et al.
+2023): each of the `len(fsq_levels)` latent channels is bounded and rounded to one of its levels,
+the codebook is every combination (`prod(fsq_levels)` codes), nothing is learned in it and nothing
+can die; the gradient passes the rounding straight through.
+
+Presets: `tiny()` for CPUs and the demo (FSQ, stride-2 stem), `small()` for small data, `base()`
+paper-scale (8x, 8192 codes).
 """
 
 from __future__ import annotations
@@ -60,16 +66,22 @@ class VQVAEConfig:
 
 
 def tiny() -> VQVAEConfig:
-    """CPU tests: 8x (64 px -> 8x8 tokens), 512 codes, narrow; a step on 8 frames is milliseconds."""
+    """CPUs, tests and the demo: 8x (64 px -> 8x8 tokens), 512 codes (FSQ levels 8 x 8 x 8).
+
+    A stride-2 stem (no block at 64 px) and widths 32 -> 64 at 32/16/8 px; finite scalar
+    quantisation instead of a learned codebook, which needs no codebook to converge and has no
+    dead codes, so a few hundred CPU steps go into the encoder and decoder. Against the
+    previous tiny (16-32 wide at every resolution, learned 512-code codebook) on the demo's
+    held-out frames: PSNR 8-10 dB above the mean frame instead of 2-4, and it encodes about
+    twice as fast (docs/tokenizer.md has the figures).
+    """
     return VQVAEConfig(
-        base_width=16,
-        channel_mults=(1, 2, 2),
+        base_width=32,
+        channel_mults=(1, 2),
         num_res_blocks=1,
-        codebook_size=512,
-        codebook_dim=32,
-        ema_decay=0.9,  # short runs: the codebook must follow a fast-moving encoder
-        kmeans_iters=5,
-        dead_code_threshold=0.5,
+        stem_stride=2,
+        quantizer="fsq",
+        fsq_levels=(8, 8, 8),
     )
 
 

@@ -47,8 +47,11 @@ def smooth_frames(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def vq_tiny(**kw) -> VQVAEConfig:
-    """The tiny preset's network with a learned (EMA, k-means) codebook of 512 32-d codes."""
-    return dataclasses.replace(tiny(), quantizer="vq", fsq_levels=(), codebook_size=512, codebook_dim=32, **kw)
+    """The tiny preset's network with a learned codebook of 512 32-d codes (EMA, k-means init,
+    dead-code restarts; settings for short runs)."""
+    vq = {"quantizer": "vq", "fsq_levels": (), "codebook_size": 512, "codebook_dim": 32, "ema_decay": 0.9, "kmeans_iters": 5,
+          "dead_code_threshold": 0.5}
+    return dataclasses.replace(tiny(), **(vq | kw))
 
 
 def psnr(mse: float) -> float:
