@@ -12,10 +12,12 @@ import av
 import numpy as np
 import pytest
 
-from stages.demo_data import (CLIP_SIZE, PRETRAIN_SIZE, DemoDataset, _motion_frames, _palette, _pattern, _pretrain_frames, _rng,
-                              _segment_distance, _shape_frames, _texture, generate_demo_corpus, load_demo_corpus)
+from stages.demo_data import (CLIP_SECONDS, CLIP_SIZE, CLIPS_PER_GROUP, FPS, GROUPS, PRETRAIN_COUNT, PRETRAIN_SIZE, DemoDataset, _motion_frames,
+                              _palette, _pattern, _pretrain_frames, _rng, _segment_distance, _shape_frames, _texture, generate_demo_corpus,
+                              load_demo_corpus)
 
-PRETRAIN_SECONDS = 3.0  # keeps the pretraining videos short; labeled clips are always 4 s
+PRETRAIN_SECONDS = 3.0  # keeps the pretraining videos short; labeled clips always have CLIP_SECONDS
+CLIP_FRAMES = round(CLIP_SECONDS * FPS)
 VIDEO_EXTS = {".mp4", ".webm", ".mkv"}
 
 
@@ -83,8 +85,8 @@ def test_pretrain_set_is_flat_with_one_webm_and_one_mkv(corpus):
     _, datasets = corpus
     root = _by_name(datasets)["demo-pretrain"].path
     files = sorted(root.iterdir())
-    assert len(files) == 4 and all(f.is_file() for f in files)
-    assert sorted(f.suffix for f in files) == [".mkv", ".mp4", ".mp4", ".webm"]
+    assert len(files) == PRETRAIN_COUNT and all(f.is_file() for f in files)
+    assert sorted(f.suffix for f in files) == [".mkv"] + [".mp4"] * (PRETRAIN_COUNT - 2) + [".webm"]
 
 
 def _read_split(root: Path, k: int) -> tuple[list[tuple[str, int]], list[str]]:
@@ -128,7 +130,7 @@ def test_every_video_decodes_with_expected_size_length_and_codec(corpus):
     seen_codecs = {}
     for ds in datasets:
         size = (120, 160) if ds.name == "demo-pretrain" else (96, 128)
-        n_expected = round(PRETRAIN_SECONDS * 24) if ds.name == "demo-pretrain" else 96
+        n_expected = round(PRETRAIN_SECONDS * FPS) if ds.name == "demo-pretrain" else CLIP_FRAMES
         for path in _videos(ds.path):
             frames, codec = _decode(path)
             assert frames.shape[1:] == (*size, 3), path
@@ -192,7 +194,7 @@ def test_motion_label_is_in_the_motion_not_in_single_frames(corpus):
 
     # One frame's object position says nothing about the class: at the first, middle and last
     # frame, a leave-one-out nearest-neighbour classifier on the position is near chance (25%).
-    for t in (0, 48, 95):
+    for t in (0, CLIP_FRAMES // 2, CLIP_FRAMES - 1):
         feats = np.concatenate([np.cos([tr[t] for tr in tracks]), np.sin([tr[t] for tr in tracks])], axis=1)
         dist = ((feats[:, None] - feats[None]) ** 2).sum(-1)
         np.fill_diagonal(dist, np.inf)
@@ -236,10 +238,10 @@ def test_changed_scale_or_seed_gives_what_a_fresh_run_gives(corpus, small_seed1,
 
 def test_counts_grow_with_scale(corpus, small_seed1, tmp_path):
     full, small = _by_name(corpus[1]), _by_name(load_demo_corpus(small_seed1))
-    assert (full["demo-pretrain"].n_videos, small["demo-pretrain"].n_videos) == (4, 1)
-    # 4 classes x 6 groups x 2 clips at scale 1; at least 3 groups, so each split holds out
-    # a different one.
-    assert full["demo-motion"].n_videos == full["demo-shapes"].n_videos == 4 * 6 * 2
+    assert (full["demo-pretrain"].n_videos, small["demo-pretrain"].n_videos) == (PRETRAIN_COUNT, 1)
+    # 4 classes x GROUPS groups x CLIPS_PER_GROUP clips at scale 1; at scale 0.1 at least 3
+    # groups, so each split holds out a different one.
+    assert full["demo-motion"].n_videos == full["demo-shapes"].n_videos == 4 * GROUPS * CLIPS_PER_GROUP
     assert small["demo-motion"].n_videos == small["demo-shapes"].n_videos == 4 * 3 * 1
     with pytest.raises(ValueError):
         generate_demo_corpus(tmp_path / "bad", scale=0)
