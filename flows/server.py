@@ -67,7 +67,10 @@ def services(root: DataRoot, host: str, prefect_port: int, mlflow_port: int) -> 
         f"http://{h}:{prefect_port}", f"http://{h}:{prefect_port}/api/health", logs / "prefect-server.log",
         # The browser app asks this address for its data; left alone it assumes port 4200.
         # Behind a proxy or on another interface, set PREFECT_UI_API_URL to what browsers reach.
-        {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or f"http://{h}:{prefect_port}/api"},
+        {"PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or f"http://{h}:{prefect_port}/api"}
+        # SQLite waits this long for a writer's lock before the API answers 503. Its 10 s default
+        # expired on a loaded 2-core machine while `serve` wrote task runs (CI, stop 20).
+        | {"PREFECT_SERVER_DATABASE_TIMEOUT": os.environ.get("PREFECT_SERVER_DATABASE_TIMEOUT") or "60"},
     )
     mlflow = Service(
         "mlflow",

@@ -34,11 +34,19 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env | {"VIMPAC_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
-def _api(method: str, url: str, body: dict | None = None, timeout: float = 30):
+def _api(method: str, url: str, body: dict | None = None, timeout: float = 30, retries: int = 5):
+    """One REST call. Prefect answers 503 for errors it declares retryable (a locked SQLite
+    database); its own client retries those, and so does this."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"null")
+    for attempt in range(retries + 1):
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt == retries:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def _wait(what: str, check, timeout: float, procs: list[tuple[subprocess.Popen, Path]], interval: float = 1.0):
