@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from stages.config import PRETRAINED, ConfigError, GridConfig, GridDataset, GridModel, PipelineConfig
+from stages.config import PRETRAINED, ConfigError, GridConfig, GridDataset, GridModel, GridPretrain, PipelineConfig
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -36,10 +36,11 @@ def pretraining_datasets(catalog: Catalog, config: PipelineConfig, chosen: list[
     return picked
 
 
-def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None) -> GridConfig | None:
+def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None, tokenizer_ref: str = "") -> GridConfig | None:
     """The pipeline's evaluate settings as a grid: `pretrained` becomes the backbone this run's
     pretrain stage registered (left out, with a warning, when there is none), the datasets
-    default to the labeled ones."""
+    default to the labeled ones, and recipe rows pretrain like the pipeline's pretrain stage
+    (its settings, datasets and tokenizer) with their own overrides."""
     stage = config.evaluate
     models = []
     for m in stage.models:
@@ -57,8 +58,14 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
     if not models or not datasets:
         get_run_logger().warning("evaluate skipped: no labeled datasets" if not datasets else "evaluate skipped: no models")
         return None
+    base = None
+    if any(m.is_recipe for m in models):
+        base = GridPretrain(datasets=pretraining_datasets(catalog, config, config.pretrain.datasets, "pretrain.datasets"), preset="default",
+                            tokenizer=config.pretrain.tokenizer or tokenizer_ref,
+                            config=config.pretrain.model_dump(mode="json", exclude={"datasets", "tokenizer"}))
     return GridConfig(name=config.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
-                      set=stage.set, parallel=stage.parallel, experiment=config.tracking.experiment)
+                      set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base, parallel=stage.parallel,
+                      experiment=config.tracking.experiment)
 
 
 @flow(name="pipeline", flow_run_name=run_name_from("pipeline", "config"), description="Run the configured stages (in DAG order) over the configured datasets.")
@@ -133,7 +140,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                 if trained is not None:
                     pretrained_ref = trained.get("model_uri") or trained.get("checkpoint")
         if "evaluate" in config.stages and config.datasets:
-            grid = evaluation_grid(catalog, config, pretrained_ref)
+            grid = evaluation_grid(catalog, config, pretrained_ref, tokenizer_ref or "")
             blocked = [d.name for d in grid.datasets if any(f.startswith(f"{d.name}/") for f in failed)] if grid else []
             if blocked:
                 logger.warning(f"evaluate skipped: an earlier stage failed for {', '.join(blocked)}")
