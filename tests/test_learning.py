@@ -16,7 +16,7 @@ import pytest
 from finetune_fixtures import GRID, labeled_dataset
 from stages.config import FinetuneConfig, build, preset
 from stages.finetune.probe import probe_cells
-from stages.finetune.train import ModelSource, finetune_cell
+from stages.finetune.train import ModelSource, collapse_check, finetune_cell
 from stages.reporting import RecordingReporter
 
 CLASSES = tuple(f"C{i}" for i in range(6))
@@ -54,7 +54,9 @@ def test_finetuning_fits_what_a_linear_probe_on_the_frozen_backbone_separates(ro
     assert final_train_accuracy(reporter) >= 0.9, reporter.metric_log
     assert tuned.metrics["top1"] >= probe["linear_probe:cls"].metrics["top1"]
     assert min(v for v in tuned.train_per_class.values()) >= 0.5, tuned.train_per_class
-    assert not [w for w in tuned.warnings if "chance" in w]
+    assert not [w for w in tuned.warnings if "chance" in w or "collapsed" in w]
+    spreads = [m["feature_spread"] for m, _ in reporter.metric_log if "feature_spread" in m]
+    assert spreads and all(s > 0 for s in spreads), "the pooled feature's spread over a batch is logged"
 
 
 @pytest.mark.parametrize("make_tokens, warns", [(constant_tokens, True), (object_tokens, False)], ids=["cannot-learn", "learns"])
@@ -67,3 +69,16 @@ def test_chance_level_warning_fires_only_for_a_model_that_learns_nothing(root, m
     if warns:
         assert any("within 2 points of chance" in m for level, m in reporter.messages if level == "warning")
         assert set(result.train_per_class) == set(CLASSES)
+
+
+# (first logged spread, last) as measured (docs/learning.md): a pretrained [CLS] flattened by
+# fine-tuning at lr 1e-3 (0.36 -> 0.02) warns; a fresh backbone's small but growing spread and a
+# moderate change do not.
+@pytest.mark.parametrize("start, last, warns", [(0.36, 0.02, True), (0.018, 0.03, False), (0.4, 0.2, False), (0.0, 0.0, False)])
+def test_feature_collapse_warning(start, last, warns):
+    reporter, warnings = RecordingReporter(), []
+    message = collapse_check(start, last, "cell", reporter, warnings)
+    assert bool(message) == warns and warnings == ([message] if warns else [])
+    if warns:
+        assert f"{start:.3f}" in message and f"{last:.3f}" in message and "train.lr" in message
+        assert ("warning", message) in reporter.messages

@@ -445,7 +445,7 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         D.barrier()
 
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    window = torch.zeros(6, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds
+    window = torch.zeros(7, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds, feature spread sum
     # Learning checks (issue 14): accuracy over the first half of the run against chance, and
     # per-class accuracy over the last epoch's worth of steps (at least one).
     n_classes = ccfg.n_classes
@@ -473,14 +473,18 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
                 watch["tail"] += per_class
             if step == half and half > 0:
                 chance_check(D.all_reduce_sum(watch["first_half"].to(device)).cpu(), n_classes, half, where, reporter, warnings)
-            window += torch.tensor([loss_sum, correct, videos, grad_norm, 1.0, wait], dtype=torch.float64)
+            window += torch.tensor([loss_sum, correct, videos, grad_norm, 1.0, wait, 0.0], dtype=torch.float64)
             if step % cfg.train.log_every == 0 or step == stop_at:
+                window[6] = feature_spread(model, micro[0]["tokens"][:, 0], amp)
                 sums = D.all_reduce_sum(window.to(device)).cpu()
                 elapsed = max(1e-9, time.perf_counter() - started)
                 values = {"loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]), "lr": current_lr,
                           "grad_norm": float(sums[3] / sums[4]), "videos_per_s": float(sums[2] / elapsed),
                           "data_wait_frac": float(sums[5] / world / elapsed),
-                          "epoch": stream["epoch"] + stream["pos"] / batches_per_epoch}
+                          "epoch": stream["epoch"] + stream["pos"] / batches_per_epoch,
+                          "feature_spread": float(sums[6] / world)}
+                watch.setdefault("spread_start", torch.tensor(values["feature_spread"], dtype=torch.float64))
+                watch["spread_last"] = torch.tensor(values["feature_spread"], dtype=torch.float64)
                 if info.is_main:
                     reporter.metrics(values, step=step)
                 window.zero_()
@@ -497,6 +501,8 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         save_resume()
         reporter.info(f"{where}: stopped at step {step}/{total_steps}; run again to continue")
         return model, step, False
+    if "spread_start" in watch:
+        collapse_check(float(watch["spread_start"]), float(watch["spread_last"]), where, reporter, warnings)
     tail = D.all_reduce_sum(watch["tail"].to(device)).cpu()
     watch["per_class"] = {name: (float(tail[0, i] / tail[1, i]) if tail[1, i] else None) for i, name in enumerate(classes)}
     if info.is_main:
@@ -507,6 +513,40 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
     if used:
         reporter.info(f"{where}: head BatchNorm statistics re-estimated on {used} training batches (eval mode)")
     return model, step, True
+
+
+COLLAPSE_FACTOR = 5.0
+
+
+@torch.no_grad()
+def feature_spread(model: VideoClassifier, tokens: torch.Tensor, amp: bool) -> float:
+    """The pooled feature's per-feature std over a batch of clips, averaged over features, in
+    eval mode (dropout off: in training mode its noise alone keeps the spread up). 0 for a batch
+    of one."""
+    if tokens.shape[0] < 2:
+        return 0.0
+    model.eval()
+    try:
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=amp):
+            feature = model.features(tokens)  # (B, D)
+        return float(feature.float().std(0).mean())
+    finally:
+        model.train()
+
+
+def collapse_check(start: float, last: float, where: str, reporter: Reporter, warnings: list[str]) -> str | None:
+    """Warn when the pooled feature's spread over a batch (`feature_spread`) fell
+    `COLLAPSE_FACTOR`-fold from the first logged step to the last: fine-tuning flattened the clips'
+    features instead of using them (a pretrained [CLS] went from 0.36 to 0.02 in 120 steps at
+    lr 1e-3, docs/learning.md)."""
+    if not (start > 0 and last * COLLAPSE_FACTOR < start):
+        return None
+    message = (f"{where}: the clips' pooled features collapsed during fine-tuning: their spread over a batch (per-feature std) "
+               f"fell from {start:.3f} to {last:.3f}. Fine-tuning is erasing what the backbone knew; try a lower learning rate "
+               "(train.lr) and check the probes (grid protocols linear_probe, knn).")
+    reporter.warning(message)
+    warnings.append(message)
+    return message
 
 
 def chance_check(first_half: torch.Tensor, n_classes: int, steps: int, where: str, reporter: Reporter, warnings: list[str]) -> str | None:
