@@ -602,3 +602,23 @@ def test_cli_report_with_and_without_baseline(catalog, capsys, tmp_path):
 def cell_diff(report, label: str, column: str):
     row = next(r for r in report.rows if r.label == label)
     return row.diffs[report.columns.index(column)]
+
+
+def test_a_recipe_pretrained_once_per_seed_is_one_row_with_its_seeds(catalog):
+    """A grid recipe row is pretrained per seed, so each seed has its own pretraining run: the
+    runs are the row's seeds (mean +- std, n=3), not three rows; two runs under one recipe name
+    for the same seed are still told apart."""
+    for seed, (run, tuned, scratch) in enumerate([("r0aaaaaa0000", 0.60, 0.40), ("r1bbbbbb1111", 0.70, 0.45), ("r2cccccc2222", 0.65, 0.35)]):
+        add(catalog, "ucf101", "1", "tiny-mp+cl", tuned, run=run, seed=seed, finetune="tiny-5x64")
+        add(catalog, "ucf101", "1", "scratch", scratch, seed=seed, finetune="tiny-5x64")
+    report = build_report(catalog, grid="g", baseline="scratch")
+    assert [r.label for r in report.rows] == ["scratch", "tiny-mp+cl"]
+    tuned = cell(report, "tiny-mp+cl", "ucf101")
+    assert tuned.value == pytest.approx(65.0) and tuned.std == pytest.approx(5.0) and tuned.n_seeds == 3
+    # Differences 20, 25, 30: mean 25, sd 5, 95% CI 25 +- 4.303 * 5 / sqrt(3).
+    diff = cell_diff(report, "tiny-mp+cl", "ucf101")
+    assert diff.value == pytest.approx(25.0)
+    assert diff.ci == pytest.approx((25.0 - 4.3027 * 5 / math.sqrt(3), 25.0 + 4.3027 * 5 / math.sqrt(3)), abs=1e-3)
+    # A second run of the recipe for seed 0: now the runs of that seed are different models.
+    add(catalog, "ucf101", "1", "tiny-mp+cl", 0.10, run="r9dddddd9999", seed=0, finetune="tiny-5x64")
+    assert len([r for r in build_report(catalog, grid="g").rows if r.recipe == "tiny-mp+cl"]) == 4

@@ -63,7 +63,7 @@ def confidence_interval(mean: float, sd: float | None, n: int) -> tuple[float, f
 # of one seed; then the seeds. Each (row, dataset, view protocol) is its own group, so a cell
 # never mixes view protocols. Parameters: unnamed-recipe label, metric, grid x2, datasets x2.
 _PER_SPLIT_SQL = """
-WITH picked AS (
+WITH raw AS (
     SELECT coalesce(pretrain_recipe, ?) AS recipe, pretrain_run, finetune_recipe,
            coalesce(protocol, '') AS protocol, coalesce(view_protocol, '') AS view_protocol,
            dataset, coalesce(split, '') AS split, seed, value, n_classes
@@ -71,6 +71,23 @@ WITH picked AS (
     WHERE metric = ? AND value IS NOT NULL
       AND (?::VARCHAR IS NULL OR grid = ?)
       AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], dataset))
+), several_runs AS (
+    -- A recipe pretrained once per seed has a pretraining run per seed: those runs are its
+    -- seeds, one row. Only several runs under one recipe name AND one seed are told apart.
+    SELECT DISTINCT recipe, finetune_recipe, protocol
+    FROM raw
+    GROUP BY recipe, finetune_recipe, protocol, seed
+    HAVING count(DISTINCT pretrain_run) > 1
+), picked AS (
+    SELECT raw.recipe,
+           CASE WHEN s.recipe IS NOT NULL THEN raw.pretrain_run
+                WHEN min(raw.pretrain_run) OVER runs IS NOT DISTINCT FROM max(raw.pretrain_run) OVER runs THEN raw.pretrain_run
+           END AS pretrain_run,
+           raw.finetune_recipe,
+           raw.protocol, raw.view_protocol, raw.dataset, raw.split, raw.seed, raw.value, raw.n_classes
+    FROM raw LEFT JOIN several_runs s
+      ON s.recipe = raw.recipe AND s.finetune_recipe IS NOT DISTINCT FROM raw.finetune_recipe AND s.protocol = raw.protocol
+    WINDOW runs AS (PARTITION BY raw.recipe, raw.finetune_recipe, raw.protocol)
 ), per_split AS (
     SELECT recipe, pretrain_run, finetune_recipe, protocol, view_protocol, dataset, seed, split,
            avg(value) AS value, count(*) AS n_evals, min(n_classes) AS min_classes, max(n_classes) AS max_classes

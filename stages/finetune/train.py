@@ -39,7 +39,7 @@ from models.backbone import BackboneConfig, load_state_resized
 from models.classifier import ClassifierConfig, VideoClassifier
 from models.pretrain import PretrainModelConfig
 from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
-from stages.config import PRESETS, ConfigError, FinetuneConfig, build, config_hash
+from stages.config import PRESETS, ConfigError, FinetuneConfig, FinetuneTrain, build, config_hash
 from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
 from stages.finetune.evaluate import EvalScores, score_videos
 from stages.finetune.splits import SplitSelection, dataset_tokenizers, select_split
@@ -233,6 +233,9 @@ def finetune_recipe(cfg: FinetuneConfig, preset: str, frames: int, size: int) ->
     is in its pretrain_run (`scratch:<preset>`): the same recipe name keeps scratch and pretrained
     rows of one grid side by side (Table 7)."""
     name = f"{preset}-{frames}x{size}"
+    # The seed is not part of the recipe: it is its own column of `results`, and the report
+    # averages a recipe's seeds (a per-seed hash split every seed into its own row).
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": FinetuneTrain().seed})})
     try:
         as_preset = build(FinetuneConfig, PRESETS["finetune"][preset])
     except KeyError:
@@ -445,7 +448,7 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         D.barrier()
 
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    window = torch.zeros(7, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds, feature spread sum
+    window = torch.zeros(7, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds, feature spread (at the log step)
     # Learning checks (issue 14): accuracy over the first half of the run against chance, and
     # per-class accuracy over the last epoch's worth of steps (at least one).
     n_classes = ccfg.n_classes
