@@ -19,7 +19,7 @@ from models import backbone as B  # noqa: E402
 from models.masking import block_mask, corrupt  # noqa: E402
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer  # noqa: E402
 from stages.pretrain import distributed as D  # noqa: E402
-from stages.pretrain.train import param_groups, train_step  # noqa: E402
+from stages.pretrain.train import _NO_BUFFER_SYNC, param_groups, train_step  # noqa: E402
 
 
 GLOBAL_BATCH = 8  # videos per micro-batch, all ranks together
@@ -51,7 +51,7 @@ def step(out_dir: str) -> None:
     model.double()
     net = model
     if info.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        net = torch.nn.parallel.DistributedDataParallel(model, **_NO_BUFFER_SYNC)  # the stage's, for any torch >= 2.4
     # Plain SGD: the update is the (clipped) gradient itself. Adam's first step is lr * sign(g),
     # which turns float-rounding noise in near-zero gradients into full-size differences.
     optimizer = torch.optim.SGD(param_groups(model, 0.0), lr=1.0)
