@@ -50,13 +50,13 @@ PAPER = {
 
 def ensure_demo_data(home: Path, scale: float, flows) -> None:
     """The demo corpus, frames and tokens (cached stages cost a lookup)."""
-    from flows.cli import demo_pipeline_file
+    from flows.cli import DEMO_DATA_STAGES, demo_pipeline_file
     from stages.config import resolve_pipeline
     from stages.demo_data import generate_demo_corpus
 
     out_dir = home / "demo-corpus"
     datasets = generate_demo_corpus(out_dir, scale=scale, progress=lambda _m: None)
-    cfg = resolve_pipeline(demo_pipeline_file(out_dir, datasets), ["stages=[ingest,frames,tokenizer,tokenize]"])
+    cfg = resolve_pipeline(demo_pipeline_file(out_dir, datasets), [DEMO_DATA_STAGES])
     flows.pipeline.pipeline(cfg, str(home), False)
 
 

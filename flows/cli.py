@@ -30,6 +30,8 @@ from stages.config import (
 from warehouse.layout import DataRoot
 
 SCRATCH_ROW = "scratch"  # the demo's report compares every row with the from-scratch baseline
+# The demo's data stages alone: what `vimpac demo --grid` and bench/effect.py run before a grid.
+DEMO_DATA_STAGES = "stages=[ingest,frames,tokenizer,tokenize]"
 
 STATUS_SQL = {
     "datasets": """
@@ -427,7 +429,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     datasets = generate_demo_corpus(out_dir, scale=args.scale, seed=args.seed, progress=print)
     config_file = demo_pipeline_file(out_dir, datasets)
     grid = load_grid(args.grid, []) if getattr(args, "grid", None) else None
-    cfg = resolve_pipeline(config_file, list(args.set or []) + (["stages=[ingest,frames,tokenizer,tokenize]"] if grid else []))
+    cfg = resolve_pipeline(config_file, list(args.set or []) + ([DEMO_DATA_STAGES] if grid else []))
     print(f"[2/3] running the pipeline ({', '.join(cfg.stages)}) from {config_file}")
     root, flows = _flows(str(root.home))
     flows.pipeline.pipeline(cfg, str(root.home), args.force)

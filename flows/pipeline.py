@@ -36,6 +36,11 @@ def pretraining_datasets(catalog: Catalog, config: PipelineConfig, chosen: list[
     return picked
 
 
+def stage_failed(failed, dataset: str) -> bool:
+    """Whether an earlier stage of this run failed for `dataset` (`failed` holds "<dataset>/<stage>: <message>")."""
+    return any(f.startswith(f"{dataset}/") for f in failed)
+
+
 def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None, tokenizer_ref: str = "") -> GridConfig | None:
     """The pipeline's evaluate settings as a grid: `pretrained` becomes the backbone this run's
     pretrain stage registered (left out, with a warning, when there is none), the datasets
@@ -99,7 +104,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
         per_dataset = {"ingest": (ingest, config.ingest), "frames": (frames, config.frames)}
         for ds in config.datasets:
             for stage in (s for s in config.stages if s in per_dataset):
-                if any(f.startswith(f"{ds.name}/") for f in failed):
+                if stage_failed(failed, ds.name):
                     # A later stage never runs on a dataset whose earlier stage failed.
                     logger.warning(f"{stage} of {ds.name} skipped: an earlier stage failed")
                     continue
@@ -112,7 +117,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
             train_on = pretraining_datasets(catalog, config, config.tokenizer.datasets, "tokenizer.datasets")
             first = next(d for d in config.datasets if d.name == train_on[0])
             # Its PSNR is reported on every dataset the pipeline tokenizes with it.
-            evaluate_on = [d.name for d in config.datasets if not any(f.startswith(f"{d.name}/") for f in failed)] \
+            evaluate_on = [d.name for d in config.datasets if not stage_failed(failed, d.name)] \
                 if "tokenize" in config.stages else None
             trained = run("tokenizer", tokenizer, "+".join(train_on), first, config.tokenizer, str(root.home), force,
                           frame_size=config.tokenizer.size or config.frames.size, train_on=train_on, evaluate_on=evaluate_on)
@@ -121,13 +126,13 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
         if "tokenize" in config.stages:
             tokenize_cfg = config.tokenize.model_copy(update={"tokenizer": tokenizer_ref})
             for ds in config.datasets:
-                if any(f.startswith(f"{ds.name}/") for f in failed) or not tokenizer_ref:
+                if stage_failed(failed, ds.name) or not tokenizer_ref:
                     logger.warning(f"tokenize of {ds.name} skipped: an earlier stage failed or no tokenizer is available")
                     continue
                 run("tokenize", tokenize, ds.name, ds, tokenize_cfg, str(root.home), force, dask=config.dask)
         if "pretrain" in config.stages and config.datasets:
             pretrain_on = pretraining_datasets(catalog, config, config.pretrain.datasets, "pretrain.datasets")
-            blocked = [n for n in pretrain_on if any(f.startswith(f"{n}/") for f in failed)]
+            blocked = [n for n in pretrain_on if stage_failed(failed, n)]
             pretrain_cfg = config.pretrain
             if not pretrain_cfg.tokenizer and tokenizer_ref:
                 pretrain_cfg = pretrain_cfg.model_copy(update={"tokenizer": tokenizer_ref})
@@ -141,7 +146,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                     pretrained_ref = trained.get("model_uri") or trained.get("checkpoint")
         if "evaluate" in config.stages and config.datasets:
             grid = evaluation_grid(catalog, config, pretrained_ref, tokenizer_ref or "")
-            blocked = [d.name for d in grid.datasets if any(f.startswith(f"{d.name}/") for f in failed)] if grid else []
+            blocked = [d.name for d in grid.datasets if stage_failed(failed, d.name)] if grid else []
             if blocked:
                 logger.warning(f"evaluate skipped: an earlier stage failed for {', '.join(blocked)}")
             elif grid is not None:
