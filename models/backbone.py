@@ -286,7 +286,9 @@ class VideoTransformer(nn.Module):
         keep = ~pad_mask if bool(pad_mask.any()) else None
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :h, None] + self.pos_w[None, None, :w]  # (T, H, W, D)
         x = self.dropout(self.embed_norm(self.embedding(tokens) + pos))  # (B, T, H, W, D)
-        cls = self.dropout(self.embed_norm(self.cls + self.pos_cls)).expand(b, -1)  # (B, D)
+        # Dropout after the expansion: each clip draws its own [CLS] dropout mask, as every token
+        # of x does (one mask shared by the batch would correlate the clips' [CLS] noise).
+        cls = self.dropout(self.embed_norm(self.cls + self.pos_cls).expand(b, -1))  # (B, D)
         for layer in self.layers:
             x, cls = layer(x, cls, keep)
         return self.final_norm(cls), self.final_norm(x)
