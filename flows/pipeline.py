@@ -41,6 +41,24 @@ def stage_failed(failed, dataset: str) -> bool:
     return any(f.startswith(f"{dataset}/") for f in failed)
 
 
+def usable_validation(catalog: Catalog, config: PipelineConfig, cfg, failed: list[str], logger):
+    """Pretraining validates on `validation.datasets` that have tokens: one that this pipeline
+    does not include and never tokenized, or whose earlier stage failed, is left out with a
+    warning instead of failing the pretraining (with none left, held-out videos validate)."""
+    wanted = cfg.validation.datasets
+    if not wanted:
+        return cfg
+    names = {d.name for d in config.datasets}
+    tokenized = {r[0] for r in catalog.rows("SELECT DISTINCT dataset FROM token_samples WHERE status = 'ok'")}
+    usable = [n for n in wanted if not stage_failed(failed, n) and (n in names or n in tokenized)]
+    if usable != list(wanted):
+        dropped = [n for n in wanted if n not in usable]
+        fallback = "" if usable else f"; validating on {cfg.validation.holdout:g} of the pretraining videos held out instead"
+        logger.warning(f"pretrain: validation dataset(s) {', '.join(dropped)} left out (not in this pipeline and never "
+                       f"tokenized, or an earlier stage failed){fallback}")
+    return cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"datasets": usable or None})})
+
+
 def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None, tokenizer_ref: str = "") -> GridConfig | None:
     """The pipeline's evaluate settings as a grid: `pretrained` becomes the backbone this run's
     pretrain stage registered (left out, with a warning, when there is none), the datasets
@@ -136,6 +154,7 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
             pretrain_cfg = config.pretrain
             if not pretrain_cfg.tokenizer and tokenizer_ref:
                 pretrain_cfg = pretrain_cfg.model_copy(update={"tokenizer": tokenizer_ref})
+            pretrain_cfg = usable_validation(catalog, config, pretrain_cfg, failed, logger)
             if blocked:
                 logger.warning(f"pretrain skipped: an earlier stage failed for {', '.join(blocked)}")
             else:

@@ -95,3 +95,31 @@ def corrupt(tokens: torch.Tensor, mask: torch.Tensor, *, pad_id: int, mask_id: i
     inputs = torch.where(predict & (u < 0.8), torch.full_like(tokens, mask_id), inputs)
     inputs = torch.where(predict & (u >= 0.8) & (u < 0.9), random_codes, inputs)
     return inputs, predict
+
+
+def copy_prediction(tokens: torch.Tensor, predict: torch.Tensor, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The copy-paste answer to mask-then-predict: every masked token guessed as the token at
+    the same (h, w) in the nearest frame where that position is visible (earlier frame on a tie).
+
+    The paper's Appendix notes that copying neighbouring tokens already reconstructs much of a
+    masked video, and Table 8 ties i.i.d. masking's higher mask accuracy to that trivial solution.
+    Accuracy on the masked tokens this guess gets wrong measures what a model learned beyond copying
+    (motion, object shape); on the demo it was the number that showed pretraining had not learned
+    the dynamics (docs/learning.md).
+
+    tokens, predict, pad: (B, T, H, W). Returns (guess, has_guess): guess is -1 where no frame
+    shows the position (every frame masked or padded there) and outside `predict`.
+    """
+    t = tokens.shape[1]
+    visible = ~predict if pad is None else ~predict & ~pad
+    guess = torch.full_like(tokens, -1)
+    found = torch.zeros_like(predict)
+    frames = torch.arange(t, device=tokens.device)
+    for distance in range(1, t):
+        for source in (frames - distance, frames + distance):
+            inside = (source >= 0) & (source < t)  # (T,)
+            src = source.clamp(0, t - 1)
+            take = predict & ~found & visible[:, src] & inside.view(1, t, 1, 1)
+            guess = torch.where(take, tokens[:, src], guess)
+            found = found | take
+    return guess, found

@@ -140,6 +140,12 @@ class PretrainModel(StrictModel):
         "small", description="Backbone preset: small 29.4M / base 119.7M / large_half 210.1M (Table 3); tiny and micro for CPU."
     )
     layout: str | None = Field(None, description="Attention layout override: T,H|W (paper), TxHxW, T,HxW or T,H,W (Table 13).")
+    # Table 6's model sizes on top of a preset: 6 x 768 (63.0M) and 12 x 512 (54.7M) between small
+    # and base. Heads default to dim / 64 (64-d heads as in BERT) and the MLP to 4 x dim.
+    layers: int | None = Field(None, ge=1, description="Override the preset's number of layers (Table 6).")
+    dim: int | None = Field(None, ge=8, description="Override the preset's hidden size (Table 6); heads and MLP follow unless set.")
+    heads: int | None = Field(None, ge=1, description="Override the number of attention heads (default with model.dim: dim / 64).")
+    mlp_dim: int | None = Field(None, ge=1, description="Override the MLP width (default with model.dim: 4 x dim).")
     norm: Literal["post", "pre"] = Field("post", description="LayerNorm position (Table 13: post-LN is better here).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on attention probabilities and residual branches.")
     objective: Literal["mp+cl", "mp", "cl"] = Field(
@@ -150,6 +156,11 @@ class PretrainModel(StrictModel):
     cl_layers: int = Field(2, ge=1, description="Contrastive head MLP layers (paper: 2 for small, 3 for large-half).")
     cl_hidden: int = Field(2048, ge=1, description="Contrastive head hidden width (paper: 2048 small, 4096 large-half).")
     cl_dim: int = Field(256, ge=1, description="Contrastive feature size.")
+    cl_input: Literal["masked", "unmasked"] | None = Field(
+        None, description="Clips the contrastive head sees (Table 12): masked, the mask-then-predict inputs in one shared "
+        "forward (Sec. 3.3), or unmasked, a second forward of the intact clips. Default: the paper's, masked with mp+cl "
+        "(Table 12: 69.4 vs 67.4 on UCF101), unmasked with cl alone (57.1 vs 55.5).",
+    )
 
 
 class PretrainMasking(StrictModel):
@@ -164,8 +175,11 @@ class PretrainMasking(StrictModel):
 class PretrainData(StrictModel):
     """What a training example is: two clips of one video (Sec. 3.2)."""
 
-    frames: int = Field(5, ge=1, description="T, frames per clip (paper: 5 at 128 px, then 10 at 256 px).")
-    max_distance_s: float | None = Field(None, gt=0, description="d_max: largest distance between the two clips in seconds (Table 10); none by default.")
+    frames: int = Field(5, ge=1, description="T, frames per clip (paper: 5 in both pretraining phases, 128 then 256 px; fine-tuning uses 10).")
+    size: int | None = Field(None, ge=8, description="Frame size S of the token shards to train on (default: the only one there is; "
+                             "the paper's second phase trains on the 256 px shards).")
+    max_distance_s: float | None = Field(None, ge=0, description="d_max: largest distance between the two clips in seconds (Table 10; "
+                                         "0: the same clip twice, differently masked); none by default.")
     view: str = Field("s100_c", description="Stored view the clips come from (pretraining: resize + center crop, no augmentation).")
     shuffle_buffer: int = Field(256, ge=1, description="Videos held for shuffling per loader worker.")
     workers: int = operational(2, ge=0, description="Data-loader worker processes per rank (masks are made there).")
@@ -190,11 +204,45 @@ class PretrainTrain(StrictModel):
     device: str = operational("auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU).")
     log_every: int = operational(10, ge=1, description="Optimizer steps between logged metrics.")
     checkpoint_every: int = operational(200, ge=1, description="Optimizer steps between resume checkpoints.")
-    eval_batches: int = Field(4, ge=1, description="Batches of fresh clips and masks for the final held-out accuracies.")
+    eval_batches: int = Field(4, ge=1, description="Batches of fresh clips and masks per validation (see `validation`).")
     init_from: str | None = Field(
-        None, description="Start from this pretrain checkpoint's weights (positional tables interpolated), "
-        "e.g. the 5x128 model for the paper's 10x256 second phase.",
+        None, description="Start from this pretrain checkpoint's weights (positional tables interpolated) with a new "
+        "optimizer and schedule. To continue a schedule (the paper's 256 px phase) use continue_from.",
     )
+    schedule_epochs: float | None = Field(
+        None, gt=0, description="Length of the learning-rate schedule in epochs when this run is one phase of a longer one "
+        "(default: epochs). The paper's 100-epoch schedule is 90 epochs at 128 px, then 10 at 256 px (Sec. 4.1).",
+    )
+    continue_from: str | None = Field(
+        None, description="Continue this pretrain run's schedule (a run that stopped early with schedule_epochs > epochs): its "
+        "weights (positional tables interpolated to the new T and S), its Adam moments for every parameter whose shape did "
+        "not change, and the learning rate where it stopped. Give the run's folder or final.pt.",
+    )
+
+    @model_validator(mode="after")
+    def _one_phase_source(self) -> "PretrainTrain":
+        if self.init_from and self.continue_from:
+            raise ValueError("train.init_from starts a new schedule and train.continue_from continues one: set only one")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ValueError(f"train.schedule_epochs ({self.schedule_epochs}) is shorter than train.epochs ({self.epochs})")
+        return self
+
+
+class PretrainValidation(StrictModel):
+    """Where the run's mask accuracy, mask loss and contrastive loss/accuracy are measured: the
+    paper's Mask-Accu. and CL-Loss columns (Tables 6, 8-16) are measured on UCF101's validation
+    videos while pretraining on HowTo100M, never on training videos."""
+
+    datasets: list[str] | None = Field(
+        None, description="Datasets whose token shards validate the run (the paper: ucf101), read with the training "
+        "tokenizer; default: videos of the pretraining datasets held out from training (`holdout`).",
+    )
+    holdout: float = Field(
+        0.05, ge=0, lt=0.5, description="Fraction of the pretraining videos kept out of training to validate on when "
+        "`datasets` is not set (whole videos, chosen by a hash of train.seed and the video; at least one, if the corpus has "
+        "two or more). 0: validate on fresh clips of the training videos.",
+    )
+    every: int = operational(0, ge=0, description="Optimizer steps between validations during training (0: at the end only).")
 
 
 class PretrainConfig(StrictModel):
@@ -204,6 +252,7 @@ class PretrainConfig(StrictModel):
     masking: PretrainMasking = Field(default_factory=PretrainMasking)
     data: PretrainData = Field(default_factory=PretrainData)
     train: PretrainTrain = Field(default_factory=PretrainTrain)
+    validation: PretrainValidation = Field(default_factory=PretrainValidation)
     tokenizer: str = Field(
         "", description="Which token shards: a tokenizer identity as in token_samples.tokenizer (models:/NAME/VERSION, "
         "models:/NAME/latest, ckpt:...). Empty: the only one there is.",
@@ -560,15 +609,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "pretrain": {
         "default": {},
-        # Table 4 "Pre-Train (Analysis)": the small model at 5 x 128 px, 2-layer contrastive head.
-        "small": {"model": {"preset": "small"}},
-        "base": {"model": {"preset": "base"}},
-        # Table 4 "Pre-Train (Results)": large-half, 3 x 4096 contrastive head, batch 1024.
+        # Table 4 "Pre-Train (Analysis)", the recipe of every ablation in Sec. F: the small model at
+        # 5 x 128 px, 2 x 2048 contrastive head, 10 epochs, lr 1e-3, warm-up 0.1, linear decay, effective
+        # batch 1024 by accumulating 8 micro-batches of 128 clips pairs (127 negatives: "the number of
+        # negative pairs used in our ablation analyses is kept constant at 127", Sec. 4.1).
+        "small": {"model": {"preset": "small"},
+                  "train": {"batch_size": 128, "accumulate": 8, "lr": 1e-3, "warmup": 0.1, "epochs": 10}},
+        # Table 6's 12 x 768 row: the analysis recipe with the base model.
+        "base": {"model": {"preset": "base"},
+                 "train": {"batch_size": 128, "accumulate": 8, "lr": 1e-3, "warmup": 0.1, "epochs": 10}},
+        # Table 4 "Pre-Train (Results)", first phase: large-half, 3 x 4096 contrastive head, lr 3e-4,
+        # warm-up 0.05, batch 1024 = 4 x 256 (255 negatives), the first 90 of 100 epochs at 128 px
+        # (Sec. 4.1: 255 negatives for the first 90 epochs, 127 for the last 10).
         "large_half": {"model": {"preset": "large_half", "cl_layers": 3, "cl_hidden": 4096},
-                       "train": {"batch_size": 128, "accumulate": 8}},
-        # The paper's second phase: continue at 10 frames x 256 px from a 5 x 128 checkpoint (set train.init_from).
+                       "train": {"batch_size": 256, "accumulate": 4, "lr": 3e-4, "warmup": 0.05, "epochs": 90,
+                                 "schedule_epochs": 100}},
+        # ... second phase: the last 10 epochs of the same schedule at T = 5, S = 256, batch 1024 = 8 x 128
+        # (127 negatives). Set train.continue_from to the first phase's run: it carries the weights (positional
+        # tables interpolated), Adam's moments and the learning rate where the first phase stopped.
         "large_half_256": {"model": {"preset": "large_half", "cl_layers": 3, "cl_hidden": 4096},
-                           "data": {"frames": 10}, "train": {"batch_size": 128, "accumulate": 8}},
+                           "data": {"frames": 5, "size": 256},
+                           "train": {"batch_size": 128, "accumulate": 8, "lr": 3e-4, "warmup": 0.05, "epochs": 10}},
         # CPU: the demo (64 px frames -> 8x8 tokens) and tests.
         "tiny": {"model": {"preset": "tiny", "cl_hidden": 256, "cl_dim": 64, "dropout": 0.0},
                  "train": {"batch_size": 8, "lr": 2e-3, "warmup": 0.1, "epochs": 1, "log_every": 5, "checkpoint_every": 50},

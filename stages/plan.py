@@ -466,10 +466,10 @@ class _Planner:
         if previous is not None:
             run_ds = next((r["config"].get("dataset") for r in self.db.completed_runs("frames") if r["dataset"] == dataset), None)
             try:
-                from stages.frames.stage import resolve_config
+                from stages.frames.stage import detected_layout, resolve_config
 
                 ds_prev = DatasetConfig.model_validate(run_ds) if isinstance(run_ds, dict) else None
-                old = resolve_config(ds_prev, previous, labeled) if ds_prev else previous
+                old = resolve_config(ds_prev, previous, labeled, detected_layout(self.root, dataset)) if ds_prev else previous
                 if diff := _config_diff(old, resolved):
                     row.notes.append(f"config: {diff}")
             except ValueError:

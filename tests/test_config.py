@@ -166,7 +166,7 @@ def test_file_settings_merge_into_nested_presets(tmp_path):
     path.write_text("pretrain:\n  train:\n    lr: 0.0005\n")
     cfg = resolve_pipeline(path, [], {"pretrain": "large_half"})
     assert cfg.pretrain.train.lr == 0.0005, "the file's value wins"
-    assert cfg.pretrain.train.accumulate == 8 and cfg.pretrain.model.cl_hidden == 4096, "the preset's other values stay"
+    assert cfg.pretrain.train.accumulate == 4 and cfg.pretrain.model.cl_hidden == 4096, "the preset's other values stay"
 
 
 def test_preset_returns_a_copy():

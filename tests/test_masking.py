@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.masking import block_mask, blocks_for_ratio, corrupt, induced_ratio, iid_mask
+from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, induced_ratio, iid_mask
 
 # Table 2: induced masking ratio (%) for 4..8 blocks, per (frames, token map size).
 TABLE_2 = {
@@ -96,3 +96,30 @@ def test_bert_replacement_is_80_10_10():
     assert abs(kept - (0.1 + 0.1 / 1000)) < 0.01  # kept on purpose, or replaced by the same code by chance
     assert bool((chosen_in < 1000).logical_or(chosen_in == 1001).all())
     assert torch.equal(inputs[~predict], tokens[~predict])
+
+
+def test_copy_prediction_takes_the_nearest_visible_frame():
+    # One clip of 4 frames, 1 x 2 positions; position (0, 0) changes code every frame.
+    tokens = torch.tensor([[[[10, 1]], [[11, 1]], [[12, 1]], [[13, 1]]]])  # (1, 4, 1, 2)
+    predict = torch.zeros_like(tokens, dtype=torch.bool)
+    predict[0, 1:3, 0, 0] = True  # frames 1 and 2 of the changing position
+    predict[0, :, 0, 1] = True  # every frame of the static position: nothing to copy from
+    guess, found = copy_prediction(tokens, predict)
+    assert guess[0, :, 0, 0].tolist() == [-1, 10, 13, -1]  # frame 1 <- frame 0; frame 2 <- frame 3
+    assert not found[0, :, 0, 1].any() and (guess[0, :, 0, 1] == -1).all()
+    assert found.sum() == 2
+
+
+def test_copy_prediction_is_exact_on_a_static_clip_and_skips_padding():
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randint(0, 50, (3, 1, 6, 6), generator=g)
+    tokens = frame.expand(3, 5, 6, 6).clone()  # (B, T, H, W): the same frame five times
+    predict = block_mask((3, 5, 6, 6), 3, generator=g)
+    guess, found = copy_prediction(tokens, predict)
+    assert (guess[found] == tokens[found]).all()
+    assert (found == predict & ~predict.all(1, keepdim=True)).all()
+    pad = torch.zeros_like(predict)
+    pad[:, 0] = True  # the first frame is padding: never a source
+    tokens[:, 0] = 99
+    guess, found = copy_prediction(tokens, predict & ~pad, pad)
+    assert not (guess == 99).any()

@@ -188,6 +188,123 @@ def test_init_from_continues_at_more_frames(corpus):
     assert second.run_name == "micro-8x32-mp+cl"
 
 
+def _learnable_8x8(vid: int, n: int, n_views: int) -> np.ndarray:
+    t, h, w = np.arange(n)[:, None, None], np.arange(8)[None, :, None], np.arange(8)[None, None, :]
+    return np.broadcast_to((vid * 7 + t + 2 * h + 3 * w) % CODES, (n_views, n, 8, 8)).astype(np.uint16)
+
+
+def _lrs(rep: RecordingReporter) -> list[float]:
+    return [values["lr"] for values, _ in rep.metric_log if "lr" in values]
+
+
+def test_second_phase_continues_the_schedule_at_a_bigger_grid(corpus):
+    """The paper's 256 px phase (Sec. 4.1): the last epochs of the same schedule at a larger S,
+    with the optimizer's state, as one recipe."""
+    from stages.pretrain.train import _carry_moments, _continue_from
+
+    # The same 12 videos tokenized a second time at S = 64: an 8 x 8 grid instead of 4 x 4.
+    write_shard(corpus, "pre", 0, list(range(0, 6)), codebook=CODES, size=64, grid=(8, 8), make_tokens=_learnable_8x8)
+    write_shard(corpus, "pre", 1, list(range(6, 12)), codebook=CODES, size=64, grid=(8, 8), make_tokens=_learnable_8x8)
+    whole_rep, first_rep, second_rep = RecordingReporter(), RecordingReporter(), RecordingReporter()
+    whole = pretrain(corpus, ["pre"], micro_cfg("train.epochs=2", "data.size=32", "train.warmup=3"), reporter=whole_rep)
+    first = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "train.schedule_epochs=2", "data.size=32", "train.warmup=3"),
+                     reporter=first_rep)
+    second = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "data.size=64", f"train.continue_from={first.checkpoint}"),
+                      reporter=second_rep)
+    assert first.steps + (second.steps - first.steps) == whole.steps and 0 < first.steps < second.steps
+    # One learning-rate curve: warm-up and decay of the two-epoch run, split between the phases.
+    assert _lrs(first_rep) + _lrs(second_rep) == pytest.approx(_lrs(whole_rep))
+    assert second.run_name == "micro-5x32+5x64-mp+cl" and first.run_name == "micro-5x32-mp+cl"
+    model, meta = load_pretrained(second.checkpoint)
+    assert model.backbone.config.grid == 8 and meta["continued_from"]["run_key"] == first.run_key
+    assert meta["continued_from"]["step"] == first.steps
+    assert "optimizer" not in torch.load(second.checkpoint, weights_only=True)  # the schedule is complete
+
+    # Adam's moments come over for every parameter whose shape is unchanged; the resized tables start fresh.
+    saved = torch.load(first.checkpoint, weights_only=True)["optimizer"]["state"]
+    fresh = VIMPACPretrainer(model.config)
+    phase, saved_state = _continue_from(fresh, str(first.checkpoint), RecordingReporter())
+    optimizer = torch.optim.AdamW(param_groups(fresh, 0.05), lr=1e-3)
+    _carry_moments(optimizer, saved_state, phase, RecordingReporter())
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {id(p): n for n, p in fresh.named_parameters()}
+    resized = {i for i, p in enumerate(params) if names[id(p)] in ("backbone.pos_h", "backbone.pos_w")}
+    assert len(resized) == 2
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p)
+        if i in resized:
+            assert not state
+        else:
+            assert torch.equal(state["exp_avg"], saved[i]["exp_avg"]) and torch.equal(state["exp_avg_sq"], saved[i]["exp_avg_sq"])
+
+
+def test_continue_from_refuses_a_run_whose_schedule_is_complete(corpus):
+    done = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1"))
+    with pytest.raises(ConfigError, match="not the end of a pretraining phase"):
+        pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", f"train.continue_from={done.checkpoint}"))
+
+
+def test_validation_videos_are_held_out_of_every_training_batch(corpus, monkeypatch):
+    """Table 6-16's Mask-Accu. / CL-Loss are measured on videos the model never trained on."""
+    import stages.pretrain.train as T
+
+    trained, validated = set(), set()
+    real_step, real_eval = T.train_step, T.evaluate
+
+    def recording_step(net, optimizer, micro, **kwargs):
+        for b in micro:
+            trained.update(b["keys"])
+        return real_step(net, optimizer, micro, **kwargs)
+
+    def recording_eval(model, loader, *args):
+        for b in loader.epoch(0):
+            validated.update(b["keys"])
+        return real_eval(model, loader, *args)
+
+    monkeypatch.setattr(T, "train_step", recording_step)
+    monkeypatch.setattr(T, "evaluate", recording_eval)
+    rep = RecordingReporter()
+    result = pretrain(corpus, ["pre"], micro_cfg("train.epochs=3", "validation.holdout=0.25", "validation.every=2"), reporter=rep)
+    held = set(json.loads(json.dumps(load_pretrained(result.checkpoint)[1]["validation"]["videos"])))
+    assert len(held) == 3 and validated == held  # ceil(0.25 x 12) videos, and only those are validated on
+    assert trained and not trained & held and len(trained) == 9
+    assert "3 videos held out of training" in rep.text()
+    # Every `validation.every` steps and at the end, with the metrics the paper's tables report.
+    logged = [step for values, step in rep.metric_log if "eval_mask_acc" in values]
+    assert logged == list(range(2, result.steps, 2)) + [result.steps]
+    final = result.metrics
+    assert {"eval_mask_acc", "eval_mask_loss", "eval_cl_loss", "eval_cl_acc"} <= set(final)
+
+
+def _static_tokens(vid: int, n: int, n_views: int) -> np.ndarray:
+    h, w = np.arange(4)[:, None], np.arange(4)[None, :]
+    return np.broadcast_to((vid * 7 + 2 * h + 3 * w) % CODES, (n_views, n, 4, 4)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["static", "moving"])
+def test_validation_reports_the_copy_baseline_and_accuracy_beyond_it(root, kind):
+    """In a static video copying the same position from a frame that shows it is right (it fails
+    only where the union of blocks covers every frame); when every token changes from frame to
+    frame copying is never right and all of the model's hits are beyond it."""
+    Catalog(root).ensure_tables()
+    make = _static_tokens if kind == "static" else learnable_tokens
+    write_shard(root, "pre", 0, list(range(0, 6)), codebook=CODES, make_tokens=make)
+    write_shard(root, "val", 0, list(range(6, 10)), codebook=CODES, make_tokens=make)
+    m = pretrain(root, ["pre"], micro_cfg("train.epochs=2", "validation.datasets=[val]")).metrics
+    if kind == "static":
+        assert m["eval_copy_acc"] > 0.9
+    else:
+        assert m["eval_copy_acc"] == 0.0 and m["eval_mask_acc_uncopyable"] == pytest.approx(m["eval_mask_acc"])
+
+
+def test_validation_on_another_dataset_trains_on_every_video(corpus):
+    write_shard(corpus, "val", 0, list(range(20, 24)), codebook=CODES, make_tokens=learnable_tokens)
+    rep = RecordingReporter()
+    result = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "validation.datasets=[val]"), reporter=rep)
+    assert "4 videos of val" in rep.text() and "12 videos in 2 shards" in rep.text()
+    assert 0 <= result.metrics["eval_mask_acc"] <= 1
+
+
 def test_ctrl_c_saves_the_position_and_the_next_run_continues(corpus, monkeypatch):
     import stages.pretrain.train as T
 

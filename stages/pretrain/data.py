@@ -68,6 +68,26 @@ class TokenShard:
     codebook_size: int
 
 
+def holdout_videos(root: DataRoot, shards: list[TokenShard], fraction: float, seed: int) -> dict[str, str]:
+    """Videos of `shards` kept out of pretraining to validate on: "dataset/key" -> shard path.
+
+    The ceil(fraction x n) videos whose hash of (seed, video) is smallest, at least one when
+    fraction > 0 and the corpus has two or more videos, never all of them. The choice depends only
+    on the seed and the video's name, so a video stays held out (or not) when others are added."""
+    if fraction <= 0:
+        return {}
+    paths = [s.path for s in shards]
+    rows = Catalog(root).rows(
+        f"SELECT DISTINCT dataset, key, shard FROM token_samples WHERE status = 'ok' AND shard IN ({', '.join('?' * len(paths))})",
+        paths)
+    videos = {f"{d}/{k}": shard for d, k, shard in rows}
+    if len(videos) < 2:
+        return {}
+    n = min(len(videos) - 1, max(1, math.ceil(fraction * len(videos))))
+    ranked = sorted(videos, key=lambda v: hashlib.sha256(f"{seed}/{v}".encode()).digest())
+    return {v: videos[v] for v in ranked[:n]}
+
+
 def token_shards(
     root: DataRoot,
     datasets: list[str],
@@ -273,7 +293,11 @@ class ClipLoader:
         transform: Transform | None = None,
         pin_memory: bool = False,
         labels: dict[str, int] | None = None,
+        exclude: frozenset[str] | None = None,
+        only: frozenset[str] | None = None,
     ):
+        """`labels` (fine-tuning): only these "dataset/key" videos, with their class index.
+        `exclude` / `only` (pretraining validation): leave these videos out / read only these."""
         if not shards:
             raise ValueError("ClipLoader: no token shards")
         grids = sorted({tuple(s.grid) for s in shards})
@@ -301,6 +325,8 @@ class ClipLoader:
         self.pin_memory = pin_memory
         # Fine-tuning: "dataset/key" -> class index; samples not in it (other splits) are skipped.
         self.labels = labels
+        self.exclude = exclude or frozenset()
+        self.only = only
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         """Batches skip_batches .. batches_per_epoch - 1 of `epoch`, identical to the same
@@ -424,13 +450,15 @@ class _Slot:
             self.errors.extend(problems)
             problems.clear()
 
-        labels = self.loader.labels
-        seen = good = 0
+        labels, exclude, only = self.loader.labels, self.loader.exclude, self.loader.only
+        seen = good = skipped = 0
         for sample in wds.tarfile_to_samples(handler=handler)(iter([{"url": path}])):
             flush()
             seen += 1
-            if labels is not None and f"{shard.dataset}/{sample.get('__key__')}" not in labels:
-                continue  # another split's video: not an error
+            key = f"{shard.dataset}/{sample.get('__key__')}"
+            if (labels is not None and key not in labels) or key in exclude or (only is not None and key not in only):
+                skipped += 1
+                continue  # another split's video, or a validation video: not an error
             record, error = _check(sample, shard, path, view)
             if error is not None:
                 reported.append(error)
@@ -446,8 +474,9 @@ class _Slot:
             message = f"token shard {path}: only {seen} of {shard.n_samples} samples readable (truncated?)"
             reported.append(message)
             self.errors.append(message)
-        if good == 0:
-            self.dead[i] = reported[-1] if reported else f"token shard {path}: no samples"
+        if good == 0:  # never read again this epoch; a shard of only left-out videos is not broken, just empty here
+            self.dead[i] = (reported[-1] if reported else f"token shard {path}: all {seen} videos left out" if skipped == seen > 0
+                            else f"token shard {path}: no samples")
 
     def _records(self) -> Iterator[_Record]:
         for i in self._shard_order():
@@ -457,7 +486,9 @@ class _Slot:
         rng = _rng(self.loader.seed, self.epoch, self.n_slots, self.index, _SHUFFLE)
         # A buffer larger than the corpus would only hold repeats, and filling it is paid
         # at the start of every epoch.
-        corpus = len(self.loader.labels) if self.loader.labels is not None else sum(s.n_samples for s in self.loader.shards)
+        loader = self.loader
+        corpus = (len(loader.labels) if loader.labels is not None else len(loader.only) if loader.only is not None
+                  else sum(s.n_samples for s in loader.shards) - len(loader.exclude))
         size = min(self.loader.shuffle_buffer, max(1, corpus))
         buffer: list[_Record] = []
         for record in records:

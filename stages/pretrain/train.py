@@ -35,12 +35,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.backbone import PRESETS as BACKBONES
 from models.backbone import flops_per_clip, load_state_resized
-from models.masking import block_mask, blocks_for_ratio, corrupt, iid_mask
-from models.pretrain import PretrainModelConfig, VIMPACPretrainer
+from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, iid_mask
+from models.pretrain import PretrainModelConfig, VIMPACPretrainer, default_cl_input
 from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
 from stages.pretrain import distributed as D
-from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, token_shards
+from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, holdout_videos, token_shards
 from stages.reporting import Reporter
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -244,25 +244,53 @@ def model_config(cfg: PretrainConfig, n_codes: int, grid: int) -> PretrainModelC
     backbone = BACKBONES[cfg.model.preset]()
     backbone.n_codes, backbone.frames, backbone.grid = n_codes, cfg.data.frames, grid
     backbone.dropout, backbone.norm = cfg.model.dropout, cfg.model.norm
+    m = cfg.model
+    if m.layers is not None:
+        backbone.n_layers = m.layers
+    if m.dim is not None or m.heads is not None:
+        # Table 6's sizes keep BERT's 64-d heads and 4x MLP unless told otherwise.
+        backbone.dim = m.dim or backbone.dim
+        backbone.n_heads = m.heads or max(1, backbone.dim // 64)
+        backbone.head_dim = backbone.dim // backbone.n_heads
+        backbone.mlp_dim = m.mlp_dim or 4 * backbone.dim
+    if m.mlp_dim is not None:
+        backbone.mlp_dim = m.mlp_dim
     if cfg.model.layout:
         backbone.layout = cfg.model.layout
     try:
         backbone.__post_init__()
         return PretrainModelConfig(backbone=backbone, objective=cfg.model.objective, alpha=cfg.model.alpha,
                                    temperature=cfg.model.temperature, cl_hidden=cfg.model.cl_hidden,
-                                   cl_layers=cfg.model.cl_layers, cl_dim=cfg.model.cl_dim)
+                                   cl_layers=cfg.model.cl_layers, cl_dim=cfg.model.cl_dim, cl_input=cfg.model.cl_input)
     except ValueError as e:
         raise ConfigError(f"pretrain model: {e}") from None
 
 
 def run_name(cfg: PretrainConfig, frame_size: int) -> str:
     """The recipe in a name: preset-TxS-objective, e.g. small-5x128-mp+cl."""
-    name = f"{cfg.model.preset}-{cfg.data.frames}x{frame_size}-{cfg.model.objective}"
+    preset = cfg.model.preset
+    if any(v is not None for v in (cfg.model.layers, cfg.model.dim, cfg.model.heads, cfg.model.mlp_dim)):
+        size = model_config(cfg, 8, 1).backbone  # the shape only: vocabulary and grid do not enter the name
+        preset = f"{preset}.{size.n_layers}L{size.dim}"
+    name = f"{preset}-{cfg.data.frames}x{frame_size}-{cfg.model.objective}"
     if cfg.model.layout and cfg.model.layout.replace(" ", "") != "T,H|W":
         name += f"-{cfg.model.layout.replace(',', '.').replace('|', '')}"
     if cfg.masking.strategy != "block":
         name += f"-{cfg.masking.strategy}"
+    m = cfg.model
+    if m.cl_input and m.objective != "mp" and m.cl_input != default_cl_input(m.objective):
+        name += f"-cl{m.cl_input}"  # Table 12's non-default rows
     return name
+
+
+def continued_name(source_name: str, frames: int, frame_size: int) -> str:
+    """A continued phase's recipe: the source's name with the new resolution after its own,
+    e.g. large_half-5x128-mp+cl -> large_half-5x128+5x256-mp+cl."""
+    head, sep, tail = source_name.partition("-")
+    resolution, sep2, rest = tail.partition("-")
+    if not sep or not sep2:
+        return f"{source_name}+{frames}x{frame_size}"
+    return f"{head}-{resolution}+{frames}x{frame_size}-{rest}"
 
 
 def resolve_tokenizer_identity(root: DataRoot, datasets: list[str], ref: str) -> str:
@@ -318,6 +346,57 @@ def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
                   f"{model.config.backbone.grid}^2 tokens); heads not taken over: {missing.missing_keys or 'none'}")
 
 
+@dataclass
+class _Phase:
+    """Where a continued run picks up its source's schedule (the paper's last 10 of 100 epochs
+    at 256 px, Sec. 4.1): the source's step, schedule length and warm-up."""
+
+    source: str
+    run_key: str
+    run_name: str
+    step: int
+    total_steps: int
+    warmup: int
+
+
+def _continue_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> tuple[_Phase, dict]:
+    """Load the weights of a run that stopped early in its schedule (positional tables
+    interpolated) and return where its schedule stands and its optimizer state, which
+    `_carry_moments` gives to the new optimizer (built after this: resizing replaces the tables)."""
+    source = Path(path)
+    source = source / "final.pt" if source.is_dir() else source
+    try:
+        ckpt = _read_checkpoint(source)
+    except ValueError as e:
+        raise ConfigError(f"train.continue_from: {e}") from None
+    schedule, meta = ckpt.get("schedule"), dict(ckpt.get("metadata") or {})
+    if ckpt.get("kind") != "final" or not schedule or "optimizer" not in ckpt:
+        raise ConfigError(f"train.continue_from {path}: not the end of a pretraining phase (a finished run trained with "
+                          "train.schedule_epochs longer than train.epochs keeps its optimizer and schedule for this)")
+    if schedule["step"] >= schedule["total_steps"]:
+        raise ConfigError(f"train.continue_from {path}: its schedule is already complete ({schedule['step']} of "
+                          f"{schedule['total_steps']} steps)")
+    _init_from(model, str(source), reporter)
+    phase = _Phase(str(source), meta.get("run_key", ""), meta.get("run_name", source.parent.name), int(schedule["step"]),
+                   int(schedule["total_steps"]), int(schedule["warmup"]))
+    return phase, ckpt["optimizer"]
+
+
+def _carry_moments(optimizer: torch.optim.Optimizer, saved: dict, phase: _Phase, reporter: Reporter) -> None:
+    """Adam's moments of the source run for every parameter whose shape did not change; the
+    resized positional tables start with fresh moments (there is no meaningful way to resize them)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    n_saved = sum(len(g["params"]) for g in saved["param_groups"])
+    if n_saved != len(params):
+        raise ConfigError(f"train.continue_from {phase.source}: the model has {len(params)} parameter tensors, the source "
+                          f"run {n_saved}; a continued phase keeps the model and changes only T and S")
+    kept = {i: state for i, p in enumerate(params)
+            if (state := saved["state"].get(i)) is not None and state["exp_avg"].shape == p.shape}
+    optimizer.load_state_dict({"state": kept, "param_groups": optimizer.state_dict()["param_groups"]})
+    reporter.info(f"continuing {phase.run_name} at step {phase.step} of its {phase.total_steps}-step schedule; Adam moments "
+                  f"kept for {len(kept)} parameter tensors, {len(params) - len(kept)} start fresh (resized)")
+
+
 @contextmanager
 def stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
     """The first Ctrl-C asks to stop after the current optimizer step (the loop then saves the
@@ -341,6 +420,37 @@ def stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
         yield state
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _Validation:
+    """What the run is validated on: shards to read, and which of their videos."""
+
+    description: str
+    shards: list[TokenShard]
+    only: frozenset[str] | None  # read only these videos (held-out ones)
+    exclude: frozenset[str]  # the training loader leaves these out
+
+
+def validation_set(root: DataRoot, shards: list[TokenShard], cfg: PretrainConfig) -> _Validation:
+    """The validation videos (Tables 6, 8-16 report Mask-Accu. and CL-Loss on videos the model
+    never trained on): another dataset's token shards, or videos held out of the corpus."""
+    v = cfg.validation
+    if v.datasets:
+        try:
+            val = token_shards(root, v.datasets, shards[0].tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"validation.datasets: {e}") from None
+        if {tuple(s.grid) for s in val} != {tuple(shards[0].grid)} or val[0].codebook_size != shards[0].codebook_size:
+            raise ConfigError(f"validation.datasets: token grid {val[0].grid} x {val[0].codebook_size} codes differs from the "
+                              f"training tokens' {shards[0].grid} x {shards[0].codebook_size}")
+        return _Validation(f"{sum(s.n_samples for s in val)} videos of {', '.join(v.datasets)}", val, None, frozenset())
+    held = holdout_videos(root, shards, v.holdout, cfg.train.seed)
+    if not held:
+        return _Validation("fresh clips of the training videos (none held out)", shards, None, frozenset())
+    keys, paths = frozenset(held), set(held.values())
+    return _Validation(f"{len(keys)} videos held out of training ({v.holdout:g} of the corpus)",
+                       [s for s in shards if s.path in paths], keys, keys)
 
 
 def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, reporter: Reporter | None = None,
@@ -378,7 +488,7 @@ def pretrain_run(root: DataRoot, datasets: list[str], cfg: PretrainConfig, world
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        shards = token_shards(root, datasets, cfg.tokenizer or None)
+        shards = token_shards(root, datasets, cfg.tokenizer or None, cfg.data.size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tokenizer = shards[0].tokenizer
@@ -418,26 +528,42 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             partial.unlink(missing_ok=True)
 
     world, device = info.world_size, info.device
-    n_videos = sum(s.n_samples for s in shards)
+    validation = validation_set(root, shards, cfg)
+    n_videos = sum(s.n_samples for s in shards) - len(validation.exclude)
     videos_per_epoch = cfg.train.videos_per_epoch or n_videos
     batches_per_epoch = max(1, math.ceil(videos_per_epoch / (cfg.train.batch_size * world)))
     k = cfg.train.accumulate
-    total_steps = max(1, math.ceil(cfg.train.epochs * batches_per_epoch / k))
+    # The learning-rate schedule may be longer than this run: a first phase stops early (schedule_epochs),
+    # a continued phase takes its source's schedule and step (train.continue_from).
+    total_steps = max(1, math.ceil((cfg.train.schedule_epochs or cfg.train.epochs) * batches_per_epoch / k))
     warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+    run_steps = max(1, math.ceil(cfg.train.epochs * batches_per_epoch / k))
     n_blocks = cfg.masking.n_blocks or blocks_for_ratio(cfg.data.frames, grid[0], grid[1], cfg.masking.ratio)
     amp = cfg.train.amp and device.type == "cuda"
 
     transform = functools.partial(
         mask_batch, strategy=cfg.masking.strategy, n_blocks=n_blocks, ratio=cfg.masking.ratio,
         replacement=cfg.masking.replacement, pad_id=bcfg.pad_id, mask_id=bcfg.mask_id, n_codes=n_codes,
-        enabled=mcfg.uses_mask,
+        enabled=mcfg.masks_inputs,
     )
     sampling = ClipSampling(n_frames=cfg.data.frames, max_distance_s=cfg.data.max_distance_s, view=cfg.data.view)
 
     def loader(batches: int, seed: int) -> ClipLoader:
         return ClipLoader(root, shards, sampling, batch_size=cfg.train.batch_size, batches_per_epoch=batches,
                           pad_id=bcfg.pad_id, seed=seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
-                          shuffle_buffer=cfg.data.shuffle_buffer, transform=transform, pin_memory=device.type == "cuda")
+                          shuffle_buffer=cfg.data.shuffle_buffer, transform=transform, pin_memory=device.type == "cuda",
+                          exclude=validation.exclude)
+
+    def validate() -> dict[str, float]:
+        """Fresh clips and masks of the validation videos (the same ones at every validation)."""
+        val_loader = ClipLoader(root, validation.shards, sampling, batch_size=cfg.train.batch_size,
+                                batches_per_epoch=cfg.train.eval_batches, pad_id=bcfg.pad_id, seed=cfg.train.seed + 1,
+                                rank=info.rank, world_size=world, num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer,
+                                transform=transform, only=validation.only)
+        counts = D.all_reduce_sum(target_counts.to(device)).cpu()
+        values = evaluate(net if world == 1 else model, val_loader, device, amp, counts, n_codes)
+        model.train()
+        return values
 
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed % 2**32)
@@ -445,11 +571,21 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     model = VIMPACPretrainer(mcfg)
     if cfg.train.init_from:
         _init_from(model, cfg.train.init_from, reporter)
+    phase = None
+    if cfg.train.continue_from:
+        phase, saved_optimizer = _continue_from(model, cfg.train.continue_from, reporter)
+        total_steps, warmup = phase.total_steps, phase.warmup
+        name = continued_name(phase.run_name, cfg.data.frames, size)
     model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(cfg.train.beta1, cfg.train.beta2), fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps))
-    step, epoch, consumed = 0, 0, 0
+    if phase is not None:
+        _carry_moments(optimizer, saved_optimizer, phase, reporter)
+    first_step = phase.step if phase else 0
+    end_step = min(total_steps, first_step + run_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(first_step + i, warmup=warmup, total=total_steps))
+    step, epoch, consumed = first_step, 0, 0
     target_counts = torch.zeros(n_codes, dtype=torch.long)
     if last.exists():
         ckpt = _read_checkpoint(last)
@@ -463,13 +599,14 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             set_rng_states(ckpt["rng"][info.rank], device)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
-        reporter.info(f"resuming {name} ({run_key}) at step {step}/{total_steps} (epoch {epoch}, batch {consumed})")
+        reporter.info(f"resuming {name} ({run_key}) at step {step}/{end_step} (epoch {epoch}, batch {consumed})")
     else:
         reporter.info(
             f"pretraining {name} ({run_key}): {model.backbone.num_params() / 1e6:.1f}M backbone + "
             f"{model.head_params() / 1e6:.2f}M heads on {device} x {world}; {n_videos} videos in {len(shards)} shards "
-            f"of {', '.join(datasets)}; {total_steps} steps of {cfg.train.batch_size}x{world}x{k} videos; "
-            f"{n_blocks} mask blocks for {cfg.data.frames}x{grid[0]}x{grid[1]} tokens"
+            f"of {', '.join(datasets)}; steps {first_step}-{end_step} of a {total_steps}-step schedule of "
+            f"{cfg.train.batch_size}x{world}x{k} videos; "
+            f"{n_blocks} mask blocks for {cfg.data.frames}x{grid[0]}x{grid[1]} tokens; validation on {validation.description}"
         )
 
     net: torch.nn.Module = model
@@ -516,11 +653,11 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             }, last)
         D.barrier()
 
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    stop_at = end_step if max_steps is None else min(end_step, first_step + max_steps)
     window = _Window()
-    reporter.start_progress(total_steps, f"pretrain {name}")
-    if step:
-        reporter.advance(step)
+    reporter.start_progress(end_step - first_step, f"pretrain {name}")
+    if step > first_step:
+        reporter.advance(step - first_step)
     with flush_denormals(device), stop_at_step_boundary(world == 1) as interrupt:
         batches = micro_batches()
         while step < stop_at:
@@ -545,7 +682,11 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
                     reporter.metrics(values, step=step)
                 recent.append(values)
                 window = _Window()
-            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
+            if cfg.validation.every and step % cfg.validation.every == 0 and step < end_step:
+                values = validate()
+                if info.is_main:
+                    reporter.metrics(values, step=step)
+            if step % cfg.train.checkpoint_every == 0 and step < end_step:
                 save_resume()
             reporter.advance()
             if interrupt["stop"]:
@@ -553,29 +694,36 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
                 reporter.info(f"interrupted at step {step}: position saved; run the same command again to continue")
                 raise KeyboardInterrupt
         batches.close()
-    if step < total_steps:
+    if step < end_step:
         save_resume()
-        reporter.info(f"pretrain {name} stopped at step {step}/{total_steps}; run again to continue")
+        reporter.info(f"pretrain {name} stopped at step {step}/{end_step}; run again to continue")
         return PretrainResult(last, run_key, name, step, dict(recent[-1]) if recent else {}, False, tokenizer,
                               list(datasets), fingerprint, mcfg.to_dict())
 
-    counts = D.all_reduce_sum(target_counts.to(device)).cpu()
-    evaluation = evaluate(net if world == 1 else model, loader(cfg.train.eval_batches, cfg.train.seed + 1), device, amp,
-                          counts, n_codes)
+    evaluation = validate()
     metrics = {**(recent[-1] if recent else {}), **evaluation}
     reporter.metrics({k_: v for k_, v in evaluation.items()}, step=step)
     if "eval_mask_acc" in evaluation:
-        reporter.info(f"pretrain {name}: held-out mask accuracy {evaluation['eval_mask_acc']:.3f} vs most-frequent-token "
-                      f"baseline {evaluation['eval_mask_acc_baseline']:.3f}")
+        reporter.info(f"pretrain {name}: validation mask accuracy {evaluation['eval_mask_acc']:.3f} on "
+                      f"{validation.description} vs most-frequent-token baseline {evaluation['eval_mask_acc_baseline']:.3f}")
     if "eval_cl_acc" in evaluation:
         reporter.info(f"pretrain {name}: contrastive accuracy {evaluation['eval_cl_acc']:.3f}")
     metadata = {"run_key": run_key, "run_name": name, "code_version": CODE_VERSION, "steps": step, "metrics": metrics,
                 "datasets": list(datasets), "tokenizer": tokenizer, "data_fingerprint": fingerprint,
                 "shards": [s.path for s in shards], "frame_size": size, "n_blocks": n_blocks, "world_size": world,
+                "validation": {"on": validation.description, "videos": sorted(validation.only or [])},
                 "config": cfg.model_dump(mode="json")}
+    if phase is not None:
+        metadata["continued_from"] = {"checkpoint": phase.source, "run_key": phase.run_key, "run_name": phase.run_name,
+                                      "step": phase.step}
+    final_state = {"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
+                   "model_config": mcfg.to_dict(), "metadata": metadata}
+    if step < total_steps:
+        # A first phase: a usable backbone, plus what a continued phase needs to pick up the schedule.
+        final_state["optimizer"] = optimizer.state_dict()
+        final_state["schedule"] = {"step": step, "total_steps": total_steps, "warmup": warmup}
     if info.is_main:
-        atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
-                     "model_config": mcfg.to_dict(), "metadata": metadata}, final)
+        atomic_save(final_state, final)
         last.unlink(missing_ok=True)
     D.barrier()
     return PretrainResult(final, run_key, name, step, metrics, False, tokenizer, list(datasets), fingerprint, mcfg.to_dict())
@@ -588,23 +736,39 @@ def evaluate(model: torch.nn.Module, loader: ClipLoader, device: torch.device, a
     next to the accuracy of always predicting the most frequent training target."""
     model.eval()
     most_frequent = int(train_counts.argmax()) if int(train_counts.sum()) else -1
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # correct, predicted, baseline hits, cl_acc, batches
+    # correct, predicted, baseline hits, cl_acc, batches, mask CE sum, cl_loss,
+    # copy hits, model hits where copying fails, positions where copying fails
+    sums = torch.zeros(10, dtype=torch.float64, device=device)
     for batch in loader.epoch(0):
         b = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"])
+            out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"], return_hits=True)
         if "mask_correct" in out:
             sums[0] += float(out["mask_correct"])
             sums[1] += float(out["n_predicted"])
             sums[2] += float((b["tokens"][b["predict"]] == most_frequent).sum())
+            sums[5] += float(out["mask_ce_sum"])
+            # The copy-paste answer (Appendix, Table 8): what a model gets without learning motion or shape.
+            clips = [x.transpose(0, 1).flatten(0, 1) for x in (b["tokens"], b["predict"], b["pad"])]  # (2B, T, H, W)
+            guess, _ = copy_prediction(*clips)
+            copied = (guess == clips[0])[clips[1]]  # (N,), ordered like mask_hits
+            sums[7] += float(copied.sum())
+            sums[8] += float((out["mask_hits"] & ~copied).sum())
+            sums[9] += float((~copied).sum())
         if "cl_acc" in out:
             sums[3] += float(out["cl_acc"])
+            sums[6] += float(out["cl_loss"])
         sums[4] += 1
     sums = D.all_reduce_sum(sums)
     out: dict[str, float] = {}
     if sums[1] > 0:
         out["eval_mask_acc"] = float(sums[0] / sums[1])
+        out["eval_mask_loss"] = float(sums[5] / sums[1])
         out["eval_mask_acc_baseline"] = float(sums[2] / sums[1])
+        out["eval_copy_acc"] = float(sums[7] / sums[1])
+        if sums[9] > 0:
+            out["eval_mask_acc_uncopyable"] = float(sums[8] / sums[9])
     if sums[3] > 0:
         out["eval_cl_acc"] = float(sums[3] / sums[4])
+        out["eval_cl_loss"] = float(sums[6] / sums[4])
     return out
