@@ -309,7 +309,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     baseline = getattr(args, "baseline", None)  # callers from before --baseline pass no such field
     try:
-        report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid, baseline=baseline)
+        report = build_report(Catalog(args.home), metric=args.metric, grid=args.grid, baseline=baseline,
+                              pretrain_metrics=getattr(args, "pretrain_metrics", False))
     except ValueError as e:  # results exist, but none for this metric or grid (or no such baseline): say which there are
         raise ConfigError(str(e)) from None
     if not report.rows:
@@ -604,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="top1", choices=["top1", "top5", "mean_class"])
     p.add_argument("--grid", help="only this grid's results (default: all)")
     p.add_argument("--out", type=Path, help="folder for the Markdown and CSV copies (default: <home>/reports)")
+    p.add_argument("--pretrain-metrics", action="store_true",
+                   help="add each recipe's pretraining validation metrics (mask accuracy, beyond-copy accuracy, CL loss) "
+                        "as columns, as the paper's Tables 6 and 8-16 show them")
     p.add_argument("--baseline", metavar="NAME",
                    help="a row label or recipe (e.g. scratch): add each row's paired difference against it, with a 95%% "
                         "confidence interval over seeds")

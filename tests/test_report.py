@@ -622,3 +622,31 @@ def test_a_recipe_pretrained_once_per_seed_is_one_row_with_its_seeds(catalog):
     # A second run of the recipe for seed 0: now the runs of that seed are different models.
     add(catalog, "ucf101", "1", "tiny-mp+cl", 0.10, run="r9dddddd9999", seed=0, finetune="tiny-5x64")
     assert len([r for r in build_report(catalog, grid="g").rows if r.recipe == "tiny-mp+cl"]) == 4
+
+
+def _pretrain_run(catalog: Catalog, run_key: str, **metrics: float) -> None:
+    from warehouse.runs import RunRecord, new_run_id, save_run
+
+    save_run(catalog.root, RunRecord(run_id=new_run_id("pretrain"), stage="pretrain", config={}, status="completed",
+                                     summary={"run_key": run_key, "run_name": "small-5x128-mp+cl", **metrics}))
+
+
+def test_pretrain_metric_columns_sit_beside_downstream_accuracy(catalog):
+    """The paper's ablation tables put Mask-Accu. and CL-Loss beside UCF101; per recipe, the
+    mean over its seeds' pretraining runs; scratch has none."""
+    seeded(catalog, "mp+cl", {0: {"1": 0.6}}, run="key0")
+    seeded(catalog, "mp+cl", {1: {"1": 0.7}}, run="key1")
+    seeded(catalog, "scratch", {0: {"1": 0.4}, 1: {"1": 0.5}})
+    _pretrain_run(catalog, "key0", eval_mask_acc=0.170, eval_mask_acc_uncopyable=0.05, eval_cl_loss=1.00)
+    _pretrain_run(catalog, "key1", eval_mask_acc=0.180, eval_mask_acc_uncopyable=0.07, eval_cl_loss=1.10)
+    _pretrain_run(catalog, "other", eval_mask_acc=0.9)  # a run no result row uses
+    plain = build_report(catalog)
+    assert plain.pretrain_columns == [] and "val mask acc" not in plain.to_arrow().column_names
+    report = build_report(catalog, pretrain_metrics=True)
+    assert report.pretrain_columns == ["val mask acc", "val uncopyable acc", "val CL loss"]
+    rows = {r.label: r for r in report.rows}
+    assert rows["mp+cl"].pretrain_values == ["17.5", "6.0", "1.05"]
+    assert rows["scratch"].pretrain_values == ["—", "—", "—"]
+    table = report.to_arrow().to_pylist()
+    assert next(r for r in table if r["recipe"] == "mp+cl")["val CL loss"] == "1.05"
+    assert "| val mask acc | val uncopyable acc | val CL loss |" in report.to_markdown()

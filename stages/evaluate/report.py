@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -232,6 +233,8 @@ class Row:
     protocol: str = FINETUNE
     # Paired differences against the baseline, per column (empty without a baseline).
     diffs: list[Diff] = field(default_factory=list)
+    # The pretraining run's validation metrics, one per Report.pretrain_columns (shown as text).
+    pretrain_values: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -254,6 +257,8 @@ class Report:
     baseline: str | None = None
     # Datasets with a column per view protocol (one protocol was evaluated under several).
     per_view: list[str] = field(default_factory=list)
+    # Pretraining metrics shown after the dataset columns (build_report(pretrain_metrics=True)).
+    pretrain_columns: list[str] = field(default_factory=list)
 
     @property
     def metric_label(self) -> str:
@@ -324,14 +329,18 @@ class Report:
         def esc(text: str) -> str:
             return text.replace("|", "\\|")
 
-        header = "| " + " | ".join(["Pretraining"] + [esc(c) for c in self.columns]) + " |"
-        rule = "| --- |" + " ---: |" * len(self.columns)
+        extra = self.pretrain_columns
+        header = "| " + " | ".join(["Pretraining"] + [esc(c) for c in self.columns + extra]) + " |"
+        rule = "| --- |" + " ---: |" * (len(self.columns) + len(extra))
         lines = [f"**{self.title}**", "", f"Metric: {self.caption()}.", "", header, rule]
         if self.has_chance():
-            lines.append("| " + " | ".join([CHANCE] + [self.chance_text(j) for j in range(len(self.columns))]) + " |")
+            lines.append("| " + " | ".join([CHANCE] + [self.chance_text(j) for j in range(len(self.columns))]
+                                           + [MISSING] * len(extra)) + " |")
         for i, row in enumerate(self.rows):
-            cells = [self.cell_text(i, j) for j in range(len(self.columns))]
+            cells = [self.cell_text(i, j) for j in range(len(self.columns))] + self._pretrain_texts(row)
             lines.append("| " + " | ".join([esc(row.label)] + cells) + " |")
+        header = "| " + " | ".join(["Pretraining"] + [esc(c) for c in self.columns]) + " |"
+        rule = "| --- |" + " ---: |" * len(self.columns)
         if self.baseline is not None:
             lines += ["", f"**{esc(self.diff_title())}**", "", header, rule]
             for i, row in enumerate(self.rows):
@@ -403,16 +412,22 @@ class Report:
                 )
         return out.getvalue()
 
+    def _pretrain_texts(self, row: Row) -> list[str]:
+        return list(row.pretrain_values) if row.pretrain_values else [MISSING] * len(self.pretrain_columns)
+
     def to_arrow(self) -> pa.Table:
-        """The table as displayed: "recipe" plus one string column per dataset column; the
-        `chance` line first where class counts are known."""
+        """The table as displayed: "recipe" plus one string column per dataset column (then the
+        pretraining metric columns, when asked for); the `chance` line first where class counts
+        are known."""
         labels = [r.label for r in self.rows]
         columns = [[self.cell_text(i, j) for i in range(len(self.rows))] for j in range(len(self.columns))]
+        extra = [[self._pretrain_texts(r)[j] for r in self.rows] for j in range(len(self.pretrain_columns))]
         if self.rows and self.has_chance():
             labels = [CHANCE] + labels
             columns = [[self.chance_text(j)] + col for j, col in enumerate(columns)]
+            extra = [[MISSING] + col for col in extra]
         data = {"recipe": pa.array(labels, pa.string())}
-        for name, col in zip(self.columns, columns):
+        for name, col in zip(self.columns + self.pretrain_columns, columns + extra):
             data[name] = pa.array(col, pa.string())
         return pa.table(data)
 
@@ -436,6 +451,7 @@ def build_report(
     grid: str | None = None,
     datasets: list[str] | None = None,
     baseline: str | None = None,
+    pretrain_metrics: bool = False,
 ) -> Report:
     """VIMPAC Table 7 from the catalog's `results` view (`catalog`: a `warehouse.catalog.Catalog`).
 
@@ -463,6 +479,11 @@ def build_report(
     An empty results view gives a Report without rows. Filters that match nothing while
     results exist raise ValueError naming the metrics, grids and datasets that are there; so
     does a baseline that names no row, or several rows of one protocol.
+
+    `pretrain_metrics` adds the columns of the paper's ablation tables (6, 8-16) after the
+    datasets: each row's pretraining validation metrics from the `runs` catalog (mask accuracy,
+    accuracy on the tokens copying gets wrong, contrastive loss), averaged over the row's
+    pretraining runs (one per seed); "—" for scratch, bag-of-codes and unknown runs.
     """
     wanted = list(dict.fromkeys(datasets)) if datasets is not None else None
     k = 5 if metric == "top5" else 1
@@ -564,7 +585,43 @@ def build_report(
     if baseline is not None:
         diff_notes = _paired_differences(catalog, report, baseline, params, pairs)
     report.footnotes = _footnotes(report, notes, k) + diff_notes
+    if pretrain_metrics:
+        _add_pretrain_metrics(catalog, report, params)
     return report
+
+
+# Validation metrics of a pretraining run (runs.summary), as the paper's ablation tables show them.
+PRETRAIN_COLUMNS = (("eval_mask_acc", "val mask acc", 100, 1), ("eval_mask_acc_uncopyable", "val uncopyable acc", 100, 1),
+                    ("eval_cl_loss", "val CL loss", 1, 2))
+
+_RUNS_OF_RECIPES_SQL = """
+SELECT DISTINCT coalesce(pretrain_recipe, ?) AS recipe, pretrain_run FROM results
+WHERE metric = ? AND (?::VARCHAR IS NULL OR grid = ?) AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], dataset))
+"""
+
+
+def _add_pretrain_metrics(catalog, report: Report, params: list) -> None:
+    runs_of: dict[str, set[str]] = {}
+    for r in catalog.query(_RUNS_OF_RECIPES_SQL, params).to_pylist():
+        if r["pretrain_run"]:
+            runs_of.setdefault(r["recipe"], set()).add(r["pretrain_run"])
+    summaries: dict[str, dict] = {}
+    for (text,) in catalog.rows("SELECT summary FROM runs WHERE stage = 'pretrain' AND status = 'completed'"):
+        try:
+            summary = json.loads(text or "{}")
+        except ValueError:
+            continue
+        if isinstance(summary, dict) and summary.get("run_key"):
+            summaries[summary["run_key"]] = summary
+    report.pretrain_columns = [label for _, label, _, _ in PRETRAIN_COLUMNS]
+    for row in report.rows:
+        runs = [row.pretrain_run] if row.pretrain_run else sorted(runs_of.get(row.recipe, ()))
+        known = [summaries[r] for r in runs if r in summaries]
+        values = []
+        for key, _, scale, digits in PRETRAIN_COLUMNS:
+            xs = [float(s[key]) for s in known if s.get(key) is not None]
+            values.append(f"{scale * sum(xs) / len(xs):.{digits}f}" if xs else MISSING)
+        row.pretrain_values = values
 
 
 def _protocol_rank(protocol: str) -> tuple[int, str]:
