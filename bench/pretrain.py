@@ -110,12 +110,14 @@ def baseline_step(model: VIMPACPretrainer, optimizer: torch.optim.Optimizer, b: 
     with sdpa_kernel(SDPBackend.MATH), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         predict, targets = clips(b["predict"]), clips(b["tokens"])
         cls, hidden = model.backbone(clips(b["inputs"]), clips(b["pad"]))
-        logits = model.token_head(hidden.reshape(-1, hidden.shape[-1]))  # (2B * T * H * W, V): every position
+    # The heads in fp32, as VIMPACPretrainer runs them (models/pretrain.py), so both paths pay the same precision.
+    with torch.autocast(device.type, enabled=False):
+        logits = model.token_head(upcast(hidden).reshape(-1, hidden.shape[-1]))  # (2B * T * H * W, V): every position
         labels = targets.masked_fill(~predict, -100).reshape(-1)
-        ce = F.cross_entropy(upcast(logits), labels, ignore_index=-100, reduction="sum")
+        ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
         loss = ce / predict.sum().clamp_min(1)
         cfg = model.config
-        feats = model.contrastive_head(cls)
+        feats = model.contrastive_head(upcast(cls))
         cl_loss, _ = info_nce(feats[:n], feats[n:], cfg.temperature, b["video_index"])
         loss = loss + cfg.alpha * cfg.temperature * cl_loss
     loss.backward()

@@ -69,7 +69,10 @@ def info_nce(f: torch.Tensor, f2: torch.Tensor, temperature: float = 0.2,
     offset = rank * n_local
     keys = torch.cat([all_f, all_f2], dim=0)  # (2N, E): columns 0..N-1 are c_k, N..2N-1 are c'_k
     queries = torch.cat([f, f2], dim=0)  # (2n, E)
-    logits = queries @ keys.t() / temperature  # (2n, 2N)
+    # Autocast would cast the fp32 features back to bf16 for the matmul: similarities of
+    # L2-normalised features rounded to 8 bits, then divided by gamma = 0.2 before the softmax.
+    with torch.autocast(f.device.type, enabled=False):
+        logits = queries @ keys.t() / temperature  # (2n, 2N)
 
     g = torch.arange(n_local, device=f.device) + offset  # global index of each local video
     own = torch.cat([g, g + n])  # column of each query itself (excluded: k != i in eq. 4)

@@ -90,14 +90,19 @@ def test_losses_under_bf16_autocast_equal_the_fp32_losses(monkeypatch):
     assert mixed["loss"].dtype == torch.float32
 
 
-def test_bf16_similarities_would_move_the_contrastive_loss():
-    """What the test above guards against: the same similarities as a bf16 matmul."""
+def test_info_nce_is_fp32_for_any_caller_under_autocast():
+    """The similarity matmul turns autocast off itself, so a caller outside the model (bench/)
+    gets the fp32 loss too; a bf16 matmul of the same features moves it by more than 1e-4."""
     torch.manual_seed(0)
     f, f2 = torch.randn(16, 16), torch.randn(16, 16)
     exact, _ = info_nce(f, f2, 0.2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        rounded, _ = info_nce(f, f2, 0.2)
-    assert abs(float(rounded) - float(exact)) > 1e-4
+        inside, _ = info_nce(f, f2, 0.2)
+        n, n2 = torch.nn.functional.normalize(f, dim=-1), torch.nn.functional.normalize(f2, dim=-1)
+        rounded_similarities = n @ n2.t()
+    assert abs(float(inside) - float(exact)) < 1e-5
+    assert rounded_similarities.dtype == torch.bfloat16
+    assert (rounded_similarities.float() - n @ n2.t()).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- d_max = 0 (Table 10)
