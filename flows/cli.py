@@ -487,7 +487,9 @@ def cmd_tokens_png(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = resolve_pipeline(args.config, list(args.set or []))
+    """The resolved pipeline config; with --preset pretrain=large_half (any STAGE=NAME) that stage's
+    preset under it, so a preset's numbers can be read before anything runs."""
+    cfg = resolve_pipeline(args.config, list(args.set or []), _pipeline_presets(args))
     print(json.dumps(cfg.model_dump(), indent=2, default=str))
     return 0
 
@@ -647,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", parents=[common], help="print the resolved pipeline config")
     p.add_argument("--config", type=Path)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--preset", action="append", metavar="STAGE=NAME", help="stage preset, e.g. pretrain=large_half (Table 4)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("plan", parents=[common], help="show which units of which stages `run pipeline` would run and why; runs nothing")

@@ -111,3 +111,14 @@ def test_every_shipped_grid_file_validates(path):
     for ds in grid.datasets or []:
         base = preset("finetune", ds.preset or grid.presets[0])
         build(FinetuneConfig, deep_merge(base, grid.finetune), list(grid.set))
+
+
+def test_vimpac_config_shows_a_presets_table_4_numbers(capsys, tmp_path):
+    import json
+
+    from flows.cli import main
+
+    assert main(["--home", str(tmp_path), "config", "--preset", "pretrain=large_half"]) == 0
+    train = json.loads(capsys.readouterr().out)["pretrain"]["train"]
+    assert (train["lr"], train["warmup"], train["epochs"], train["schedule_epochs"]) == (3e-4, 0.05, 90, 100)
+    assert (train["batch_size"], train["accumulate"]) == (256, 4)
