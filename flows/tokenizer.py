@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow
 
 from stages.config import ConfigError, DatasetConfig, TokenizeConfig, TokenizerConfig, config_hash
-from stages.tokenize.stage import LoadedTokenizer, load_tokenizer, pick_device, run_tokenize
+from stages.tokenize.stage import LoadedTokenizer, default_tokenizer, load_tokenizer, pick_device, run_tokenize
 
 from flows.dask_runner import unit_runner
 from flows.registry import download_version, register_checkpoint
@@ -103,11 +103,13 @@ def tokenize(dataset: DatasetConfig, config: TokenizeConfig | None = None, home:
             scheduler address such as tcp://host:8786; empty: threads in this flow run (docs/scale-out.md).
     """
     config = config or TokenizeConfig()
-    if not config.tokenizer:
-        raise ConfigError("tokenize needs a tokenizer: models:/NAME/VERSION, a checkpoint path or dalle:ENC[,DEC]")
     resolved = {"dataset": dataset.model_dump(), "tokenize": config.model_dump(), "force": force} | ({"dask": dask} if dask else {})
     with stage_flow_run("tokenize", dataset.name, home, resolved) as ctx, \
             unit_runner(dask, ctx.root, reporter=ctx.reporter) as runner:
+        if not config.tokenizer:
+            chosen, why = default_tokenizer(ctx.root, dataset.name)
+            ctx.reporter.info(f"no tokenizer given: using {chosen}, {why}")
+            config = config.model_copy(update={"tokenizer": chosen})
         loaded = resolve_tokenizer(config.tokenizer, pick_device(config.device))
         ctx.reporter.info(f"tokenizer {loaded.identity} on {loaded.device}")
         outcome = run_tokenize(

@@ -244,4 +244,7 @@ def test_tokenizer_registry_round_trip_and_tokenize_by_uri(prefect_harness, tmp_
     assert summary["videos"] == 2 and summary["tokenizer"] == "models:/test-tokenizer/1"
     rows = Catalog(home).rows("SELECT DISTINCT tokenizer, grid_h, n_views FROM token_samples WHERE dataset = 'tok'")
     assert rows == [("models:/test-tokenizer/1", 4, 1)]
+    # The obvious next command after `vimpac run tokenizer`: tokenize without naming a tokenizer.
+    implicit = tokenize(ds, TokenizeConfig(), home)
+    assert implicit["tokenizer"] == "models:/test-tokenizer/1"
     assert np.isfinite(first["psnr"])

@@ -85,6 +85,37 @@ class TokenShardResult:
     failures: list[dict] = field(default_factory=list)
 
 
+NO_TOKENIZER = "tokenize needs a tokenizer: models:/NAME/VERSION, a checkpoint path or dalle:ENC[,DEC]"
+
+
+def default_tokenizer(root: DataRoot, dataset: str) -> tuple[str, str]:
+    """(tokenizer, why) for `tokenize` run without one: the newest tokenizer this data root
+    trained on `dataset`, else the newest it trained at all (from the `runs` catalog). ConfigError,
+    with the command that trains one, when the data root has none."""
+    rows = Catalog(root).rows(
+        """SELECT summary->>'model_uri', summary->>'checkpoint', config->'train_on', finished_at FROM runs
+           WHERE stage = 'tokenizer' AND status = 'completed' ORDER BY finished_at DESC, run_id DESC""")
+    candidates = []
+    for uri, checkpoint, train_on, finished in rows:
+        ref = uri or checkpoint
+        if not ref:
+            continue
+        try:
+            datasets = json.loads(train_on) if train_on else []
+        except ValueError:
+            datasets = []
+        candidates.append((ref, datasets if isinstance(datasets, list) else [], finished))
+    for ref, datasets, finished in candidates:
+        if dataset in datasets:
+            return ref, f"the newest tokenizer trained on {dataset} in this data root ({finished:%Y-%m-%d %H:%M})"
+    if candidates:
+        ref, datasets, finished = candidates[0]
+        return ref, (f"the newest tokenizer of this data root ({finished:%Y-%m-%d %H:%M}, trained on {', '.join(datasets) or '?'}); "
+                     f"none was trained on {dataset}")
+    raise ConfigError(f"{NO_TOKENIZER}; this data root has none yet: train one with "
+                      f"`vimpac run tokenizer --dataset {dataset}` (or give --tokenizer)")
+
+
 def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
