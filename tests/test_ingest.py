@@ -194,3 +194,45 @@ def test_catalog_file_is_read_only_for_queries_and_survives_a_moved_root(root, v
     moved = tmp_path / "moved-home"
     shutil.move(str(root.home), moved)
     assert len(Catalog(moved).rows("SELECT * FROM videos")) == 2
+
+
+def test_files_sharing_a_stem_are_all_ingested(root, tmp_path):
+    """The same clip in several containers (all different bytes), and a byte-identical copy
+    under another extension: every file reaches the catalog; the copy as a duplicate."""
+    src = tmp_path / "src"
+    make_video(src / "demo.mp4", seed=1)
+    make_video(src / "demo.mkv", seed=1)
+    make_video(src / "demo.webm", seed=1, codec="vp9")
+    make_video(src / "sub" / "clip.mp4", seed=2)
+    shutil.copy(src / "sub" / "clip.mp4", src / "sub" / "clip.mov")
+    outcome, rep = ingest(root, src)
+    rows = videos(root)
+    assert set(rows) == {"demo", "demo.mp4", "demo.webm", "sub/clip", "sub/clip.mp4"}
+    assert rows["demo"]["source"].endswith("demo.mkv")  # the first path keeps the bare id
+    assert all(rows[v]["status"] == "ok" for v in ("demo", "demo.mp4", "demo.webm", "sub/clip"))
+    assert rows["sub/clip.mp4"]["status"] == "duplicate" and rows["sub/clip.mp4"]["error"] == "same content as sub/clip"
+    assert outcome.summary["duplicates_in_source"] == 0 and "duplicate entries in the source" not in rep.text()
+
+
+def test_ids_already_in_the_catalog_keep_their_file_when_a_same_stem_file_appears(root, tmp_path):
+    src = tmp_path / "src"
+    make_video(src / "demo.mp4", seed=1)
+    ingest(root, src)
+    make_video(src / "demo.3gp", seed=4)  # sorts before demo.mp4: without the catalog it would take the id
+    ingest(root, src)
+    rows = videos(root)
+    assert rows["demo"]["source"].endswith("demo.mp4") and rows["demo.3gp"]["status"] == "ok"
+
+
+def test_a_dataset_defined_id_naming_two_different_files_fails_visibly(root, tmp_path):
+    a = make_video(tmp_path / "v" / "a.mp4", seed=5)
+    b = make_video(tmp_path / "w" / "b.mp4", seed=6)
+    same = tmp_path / "w" / "a-copy.mp4"
+    shutil.copy(a, same)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"video_id,source,label\nx,{a},k\nx,{b},k\ny,{a},k\ny,{same},k\n")
+    outcome, rep = ingest(root, manifest)
+    rows = videos(root)
+    assert rows["x"]["status"] == "failed" and rows["x"]["error_code"] == "id_clash"
+    assert str(a) in rows["x"]["error"] and str(b) in rows["x"]["error"]
+    assert rows["y"]["status"] == "ok" and outcome.summary["duplicates_in_source"] == 1  # the same bytes twice: one video

@@ -387,7 +387,8 @@ def test_missing_local_source_is_a_config_error(tmp_path):
 # ---------------------------------------------------------------- ids, duplicates, order
 
 
-def test_duplicate_video_ids_are_kept_once(tmp_path):
+def test_a_video_id_naming_several_files_is_one_failed_entry_naming_them(tmp_path):
+    """Never a silent drop (issue 16): the manifest defines the id, three files claim it."""
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(
         '{"source": "first.mp4", "video_id": "x"}\n'
@@ -397,8 +398,9 @@ def test_duplicate_video_ids_are_kept_once(tmp_path):
     )
     lst = listing(manifest)
     assert [e.video_id for e in lst.entries] == ["x", "y"]
-    assert Path(lst.entries[0].source).name == "first.mp4"  # first one wins
-    assert lst.duplicates == ["x", "x"]
+    x = lst.entries[0]
+    assert x.error_code == "id_clash" and all(n in x.error for n in ("first.mp4", "second.mp4", "third.mp4"))
+    assert lst.entries[1].error is None and lst.duplicates == []
 
 
 def test_same_line_twice_in_a_list_is_a_duplicate(tmp_path):

@@ -113,6 +113,36 @@ def _id_from(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
+# Layouts whose ids are file paths without the extension: two different files with one stem
+# (clip.mp4 beside clip.webm, as yt-dlp leaves them) must become two videos.
+PATH_ID_LAYOUTS = ("directory", "folder_per_class")
+
+
+def _file_digest(source: str) -> str | None:
+    """sha256 of a local file (None for a URL or an unreadable file: then it counts as different)."""
+    path = local_path(source)
+    if path is None or not path.is_file():
+        return None
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _same_bytes(sources: list[str]) -> bool:
+    digests = [_file_digest(s) for s in sources]
+    return digests[0] is not None and all(d == digests[0] for d in digests)
+
+
+def clash_error(video_id: str, sources: list[str]) -> str:
+    return (f"video id {video_id!r} names {len(sources)} different files ({', '.join(sources)}); the dataset's ids "
+            "must name one file each: remove or rename all but one")
+
+
 # ---------------------------------------------------------------- directory layouts
 
 MAX_NAMED = 10  # absent videos named in a warning; the rest are only counted
@@ -313,11 +343,19 @@ class _StemMatcher:
         self.root = root
         self.files: dict[str, Path] = {}
         self.duplicates: list[str] = []
+        # A stem that several files share: the same bytes twice is one video (the first path, the
+        # rest counted as duplicates); different files are a clash, a failed row naming them all.
+        self.clashes: dict[str, str] = {}
+        same_stem: dict[str, list[Path]] = {}
         for f in _video_files(root, ingest.extensions):
-            if f.stem in self.files:  # the same clip twice (another format, another folder): the first path wins
-                self.duplicates.append(f.stem)
-            else:
-                self.files[f.stem] = f
+            same_stem.setdefault(f.stem, []).append(f)
+        for stem, paths in same_stem.items():
+            self.files[stem] = paths[0]
+            if len(paths) > 1:
+                if _same_bytes([str(p) for p in paths]):
+                    self.duplicates += [stem] * (len(paths) - 1)
+                else:
+                    self.clashes[stem] = clash_error(stem, [str(p) for p in paths])
         self.entries: list[Entry] = []
         self.warnings: list[str] = []
         self._missing: list[str] = []
@@ -328,9 +366,11 @@ class _StemMatcher:
         if path is None:
             self._missing.append(stem)
             return
+        clash = self.clashes.get(stem)
+        error = clash or bad_label
         self.entries.append(
             Entry(video_id=stem, source=str(path), label=None if bad_label else label, split=split,
-                  error=bad_label, error_code="bad_label" if bad_label else None)
+                  error=error, error_code="id_clash" if clash else "bad_label" if bad_label else None)
         )
 
     def bad_row(self, video_id: str, split: str, error: str) -> None:
@@ -346,7 +386,9 @@ class _StemMatcher:
 
     def listing(self, layout: str, classes: list[str], flip_sensitive: bool = False) -> SourceListing:
         named = {e.video_id for e in self.entries}
-        unused = [Entry(video_id=stem, source=str(f), split="unused") for stem, f in self.files.items() if stem not in named]
+        unused = [Entry(video_id=stem, source=str(f), split="unused", error=self.clashes.get(stem),
+                        error_code="id_clash" if stem in self.clashes else None)
+                  for stem, f in self.files.items() if stem not in named]
         return SourceListing(layout, self.entries + unused, classes, duplicates=list(self.duplicates),
                              warnings=self.warnings, flip_sensitive=flip_sensitive)
 
@@ -651,8 +693,16 @@ def _list_plain(source: str, ingest: IngestConfig) -> SourceListing:
     return SourceListing("list", entries)
 
 
-def list_source(cfg: DatasetConfig, ingest: IngestConfig) -> SourceListing:
-    """Every entry of a dataset's source, de-duplicated by video_id (first one kept)."""
+def list_source(cfg: DatasetConfig, ingest: IngestConfig, known: dict[str, str] | None = None) -> SourceListing:
+    """Every entry of a dataset's source, one per video_id.
+
+    The same source listed twice is one entry. Different files with one id: in the layouts whose
+    ids are paths without the extension (directory, folder_per_class) each becomes its own video,
+    the one `known` (the catalog's video_id -> source) already has, else the first path, keeping
+    the bare id and the others the id with their extension ("clip.webm"); ingest's sha256 then
+    records a byte-identical one as a duplicate of the first. Where the dataset defines the ids
+    (UCF101 and HMDB51 names, SSv2/Diving48/Kinetics ids, manifests), the same bytes twice is one
+    video and different files are one failed entry (error_code id_clash) naming every path."""
     source = cfg.source
     local = local_path(source)
     if local is not None and local.is_dir():
@@ -684,13 +734,40 @@ def list_source(cfg: DatasetConfig, ingest: IngestConfig) -> SourceListing:
             result = SourceListing("list", [Entry(video_id=default_video_id(resolved), source=resolved)])
         else:
             raise ConfigError(f"layout {cfg.layout!r} needs a directory source, got {source}")
-    seen: dict[str, Entry] = {}
-    for e in result.entries:
-        if e.video_id in seen:
-            result.duplicates.append(e.video_id)
-            continue
-        seen[e.video_id] = e
-    result.entries = sorted(seen.values(), key=lambda e: e.video_id)
+    result.entries = _one_entry_per_id(result, known or {})
     for e in result.entries:
         e.fingerprint = fingerprint(e)
     return result
+
+
+def _one_entry_per_id(result: SourceListing, known: dict[str, str]) -> list[Entry]:
+    groups: dict[str, list[Entry]] = {}
+    for e in result.entries:
+        groups.setdefault(e.video_id, []).append(e)
+    taken = set(groups)
+    out: list[Entry] = []
+    for vid, group in groups.items():
+        distinct = list({e.source: e for e in group}.values())
+        result.duplicates += [vid] * (len(group) - len(distinct))
+        if len(distinct) == 1:
+            out.append(distinct[0])
+        elif result.layout in PATH_ID_LAYOUTS:
+            keep = next((e for e in distinct if known.get(vid) == e.source), distinct[0])
+            out.append(keep)
+            for e in distinct:
+                if e is keep:
+                    continue
+                new_id = vid + PurePosixPath(e.source).suffix.lower()
+                if new_id in taken:
+                    new_id = f"{vid}-{_short_hash(e.source)}"
+                taken.add(new_id)
+                e.video_id = new_id
+                out.append(e)
+        elif _same_bytes([e.source for e in distinct]):
+            out.append(distinct[0])
+            result.duplicates += [vid] * (len(distinct) - 1)
+        else:
+            first = distinct[0]
+            out.append(Entry(video_id=vid, source=first.source, label=first.label, split=first.split, splits=first.splits,
+                             error=clash_error(vid, [e.source for e in distinct]), error_code="id_clash"))
+    return sorted(out, key=lambda e: e.video_id)

@@ -80,12 +80,12 @@ def entry_key(dataset: str, entry: Entry, cfg_hash: str) -> str:
 def _existing(root: DataRoot, dataset: str, *, read_only: bool = False) -> dict[str, dict]:
     """The latest committed row of every video already in the catalog for this dataset.
     `read_only`: touch nothing in the data root (`vimpac plan`); no catalog yet means no rows."""
-    sql = """SELECT video_id, status, retryable, fingerprint, config_hash, code_version, entry_key
+    sql = """SELECT video_id, status, retryable, fingerprint, config_hash, code_version, entry_key, source
              FROM (SELECT * FROM videos_log SEMI JOIN shards s
                    ON s.stage = 'ingest' AND s.dataset = videos_log.dataset AND s.unit = videos_log.unit)
              WHERE dataset = ?
              QUALIFY row_number() OVER (PARTITION BY video_id ORDER BY ingested_at DESC, unit DESC) = 1"""
-    cols = ["video_id", "status", "retryable", "fingerprint", "config_hash", "code_version", "entry_key"]
+    cols = ["video_id", "status", "retryable", "fingerprint", "config_hash", "code_version", "entry_key", "source"]
     catalog = Catalog(root)
     if read_only:
         try:
@@ -102,9 +102,10 @@ def plan_ingest(root: DataRoot, dataset: DatasetConfig, cfg: IngestConfig, *, fo
                 read_only: bool = False) -> IngestPlan:
     """What a run would ingest and why. `read_only` plans without writing anything to the
     data root (`vimpac plan`); the batches are the same."""
-    listing = list_source(dataset, cfg)
-    cfg_hash = config_hash(cfg)
     existing = _existing(root, dataset.name, read_only=read_only)
+    # Ids already in the catalog keep their files when a new file with the same stem appears.
+    listing = list_source(dataset, cfg, {vid: row["source"] for vid, row in existing.items()})
+    cfg_hash = config_hash(cfg)
     pending: list[tuple[str, Entry]] = []
     reasons: Counter = Counter()
     new_inputs = changed_inputs = 0
