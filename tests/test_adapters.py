@@ -466,3 +466,20 @@ def test_annotation_rows_without_id_or_class_fail_alone(tmp_path):
         "7": ("video 7 in something-something-v2-validation.json has no 'template' (its class)",
               str(root / "20bn-something-something-v2" / "7.webm")),
     }
+
+
+def test_ssv2_id_with_two_different_files_is_a_failed_row_and_a_copy_is_one_video(tmp_path):
+    """An SSv2 id is a file stem: 42326.webm and a different 42326.mp4 clash (a failed row naming
+    both, never a silent drop); 24.webm with a byte-identical 24.mkv is one video."""
+    import shutil
+
+    root = make_ssv2(tmp_path / "ssv2")
+    clips = root / "20bn-something-something-v2"
+    video(clips / "42326.mp4", seed=99)
+    shutil.copy(clips / "24.webm", clips / "24.mkv")
+    lst = listing(root)
+    by = {e.video_id: e for e in lst.entries}
+    clash = by["42326"]
+    assert clash.error_code == "id_clash" and "42326.mp4" in clash.error and "42326.webm" in clash.error
+    assert by["24"].error is None and lst.duplicates == ["24"]
+    assert by["78687"].error is None
