@@ -439,11 +439,17 @@ def _result(path: Path, container, video, scan: _Scan, decode_target: int) -> Pr
             f"{path}: reading packets failed after {scan.n_frames} video frames "
             f"({_declared_text(declared_frames, None)}): {scan.demux_error}; the file is truncated or corrupt",
         )
-    if declared_frames and _clearly_short(scan.n_packets, declared_frames, 1):
+    # A declared frame count is compared with the frames the packets' timestamps cover at the
+    # header's rate, not with the number of packets: a variable-frame-rate AVI counts its drop
+    # entries as frames (86 declared at 15 fps, 18 real ones whose timestamps span the whole 6 s)
+    # and is whole; a cut file's timestamps stop early.
+    covered = max(scan.n_packets, round(span_s * float(header_rate))) if header_rate and scan.first_pts is not None else scan.n_packets
+    if declared_frames and _clearly_short(covered, declared_frames, 1):
+        found = f"only {scan.n_packets} were found" if covered == scan.n_packets else \
+            f"the packets' timestamps cover only {covered} ({scan.n_packets} packets)"
         raise ProbeError(
             TRUNCATED,
-            f"{path}: truncated: the header declares {declared_frames} video frames but only "
-            f"{scan.n_packets} were found ({scan.n_packets / declared_frames:.0%})",
+            f"{path}: truncated: the header declares {declared_frames} video frames but {found} ({covered / declared_frames:.0%})",
         )
     declared = _declared_duration(container, video)
     if declared is not None:
