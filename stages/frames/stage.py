@@ -113,7 +113,7 @@ def detected_layout(root: DataRoot, dataset: str) -> str | None:
     """The layout ingest recorded for the dataset (None before ingest)."""
     try:
         rows = Catalog(root).rows("SELECT layout FROM datasets WHERE dataset = ?", [dataset])
-    except Exception:  # noqa: BLE001 - no catalog yet: nothing detected
+    except FileNotFoundError:  # no catalog yet: nothing detected
         return None
     return rows[0][0] if rows else None
 
