@@ -61,7 +61,8 @@ def test_perfect_features_give_full_accuracy_and_low_loss():
     assert float(acc) == 1.0 and float(loss) < 1e-3
 
 
-def _batch(cfg, b, seed):
+def masked_batch(cfg, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, predict) of b videos x 2 clips of random codes, 3 mask blocks per clip."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.n_codes, (b, 2, cfg.frames, cfg.grid, cfg.grid), generator=gen)
     mask = block_mask((2 * b, cfg.frames, cfg.grid, cfg.grid), 3, gen).view(2, b, *tokens.shape[2:]).transpose(0, 1)
@@ -73,7 +74,7 @@ def test_logits_at_masked_positions_only_give_the_full_logits_loss():
     torch.manual_seed(0)
     model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="mp")).eval()
     cfg = model.config.backbone
-    inputs, targets, predict = _batch(cfg, 3, 0)
+    inputs, targets, predict = masked_batch(cfg, 3, 0)
     with torch.no_grad():
         out = model(inputs, targets, predict)
         flat = inputs.transpose(0, 1).reshape(6, *inputs.shape[2:])
@@ -91,7 +92,7 @@ def test_accumulating_micro_batches_equals_one_big_batch():
     torch.manual_seed(0)
     model = VIMPACPretrainer(PretrainModelConfig(backbone=B.micro(), objective="mp"))
     cfg = model.config.backbone
-    micro = [_batch(cfg, 2, s) for s in range(3)]
+    micro = [masked_batch(cfg, 2, s) for s in range(3)]
     big = [torch.cat(parts) for parts in zip(*micro)]
 
     model.zero_grad()

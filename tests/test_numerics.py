@@ -13,11 +13,11 @@ import torch
 from models import backbone as B
 from models.backbone import VideoTransformer
 from models.losses import info_nce
-from models.masking import block_mask, corrupt
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer, default_cl_input
 from stages.config import ConfigError, PretrainConfig, build, preset
 from stages.pretrain.data import ClipSampling, sample_clip_starts
 from stages.pretrain.train import model_config, pretrain, run_name
+from test_losses import masked_batch
 from test_pretrain_data import write_shard
 from warehouse.catalog import Catalog
 
@@ -25,14 +25,6 @@ from warehouse.catalog import Catalog
 def _clips(x: torch.Tensor) -> torch.Tensor:
     """(B, 2, ...) -> (2B, ...): all first clips, then all second clips, as the pretrainer orders them."""
     return x.transpose(0, 1).reshape(2 * x.shape[0], *x.shape[2:])
-
-
-def _batch(cfg: B.BackboneConfig, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.n_codes, (b, 2, cfg.frames, cfg.grid, cfg.grid), generator=gen)
-    mask = block_mask((2 * b, cfg.frames, cfg.grid, cfg.grid), 3, gen).view(2, b, *tokens.shape[2:]).transpose(0, 1)
-    inputs, predict = corrupt(tokens, mask, pad_id=cfg.pad_id, mask_id=cfg.mask_id, n_codes=cfg.n_codes)
-    return inputs, tokens, predict
 
 
 # ---------------------------------------------------------------- [CLS] dropout
@@ -73,7 +65,7 @@ def test_losses_under_bf16_autocast_equal_the_fp32_losses(monkeypatch):
     torch.manual_seed(0)
     backbone = dataclasses.replace(B.micro(), init_std=0.5)
     model = VIMPACPretrainer(PretrainModelConfig(backbone=backbone, cl_hidden=64, cl_dim=16))
-    inputs, targets, predict = _batch(backbone, 8, 0)
+    inputs, targets, predict = masked_batch(backbone, 8, 0)
     gen = torch.Generator().manual_seed(1)
     cls = torch.randn(16, backbone.dim, generator=gen)  # (2B, D)
     hidden = torch.randn(16, backbone.frames, backbone.grid, backbone.grid, backbone.dim, generator=gen)  # (2B, T, H, W, D)
@@ -158,7 +150,7 @@ def test_contrastive_loss_comes_from_the_clips_cl_input_names(cl_input):
     torch.manual_seed(0)
     backbone = B.micro()  # no dropout: two forwards of the same clips agree
     model = VIMPACPretrainer(PretrainModelConfig(backbone=backbone, cl_hidden=64, cl_dim=16, cl_input=cl_input))
-    inputs, targets, predict = _batch(backbone, 8, 0)
+    inputs, targets, predict = masked_batch(backbone, 8, 0)
     videos = torch.arange(8)
     out = model(inputs, targets, predict, videos)
     with torch.no_grad():
@@ -177,7 +169,7 @@ def test_unmasked_cl_gradient_is_the_sum_of_the_two_forwards_gradients():
     torch.manual_seed(0)
     backbone = B.micro()
     model = VIMPACPretrainer(PretrainModelConfig(backbone=backbone, cl_hidden=64, cl_dim=16, cl_input="unmasked"))
-    inputs, targets, predict = _batch(backbone, 8, 1)
+    inputs, targets, predict = masked_batch(backbone, 8, 1)
     videos = torch.arange(8)
     model(inputs, targets, predict, videos)["loss"].backward()
     combined = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -197,7 +189,7 @@ def test_contrastive_only_on_masked_clips_uses_the_inputs_it_is_given():
     torch.manual_seed(0)
     backbone = B.micro()
     model = VIMPACPretrainer(PretrainModelConfig(backbone=backbone, objective="cl", cl_hidden=64, cl_dim=16, cl_input="masked"))
-    inputs, targets, predict = _batch(backbone, 8, 2)
+    inputs, targets, predict = masked_batch(backbone, 8, 2)
     out = model(inputs, targets, predict, torch.arange(8))
     with torch.no_grad():
         expected = _by_hand(model, inputs, torch.arange(8))

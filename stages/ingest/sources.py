@@ -123,14 +123,11 @@ def _file_digest(source: str) -> str | None:
     path = local_path(source)
     if path is None or not path.is_file():
         return None
-    h = hashlib.sha256()
     try:
         with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def _same_bytes(sources: list[str]) -> bool:

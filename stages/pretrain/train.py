@@ -252,7 +252,7 @@ def model_config(cfg: PretrainConfig, n_codes: int, grid: int) -> PretrainModelC
         backbone.dim = m.dim or backbone.dim
         backbone.n_heads = m.heads or max(1, backbone.dim // 64)
         backbone.head_dim = backbone.dim // backbone.n_heads
-        backbone.mlp_dim = m.mlp_dim or 4 * backbone.dim
+        backbone.mlp_dim = 4 * backbone.dim
     if m.mlp_dim is not None:
         backbone.mlp_dim = m.mlp_dim
     if cfg.model.layout:
@@ -316,9 +316,10 @@ def _read_checkpoint(path: str | Path) -> dict:
     return read_checkpoint(path, FORMAT, "pretrain")
 
 
-def load_pretrained(path: str | Path) -> tuple[VIMPACPretrainer, dict]:
-    """A finished (or resumable) pretrain checkpoint as a model on CPU, plus its metadata."""
-    ckpt = _read_checkpoint(Path(path))
+def load_pretrained(path: str | Path, ckpt: dict | None = None) -> tuple[VIMPACPretrainer, dict]:
+    """A finished (or resumable) pretrain checkpoint as a model on CPU, plus its metadata
+    (`ckpt`: the checkpoint already read from `path`)."""
+    ckpt = ckpt if ckpt is not None else _read_checkpoint(Path(path))
     try:
         model = VIMPACPretrainer(PretrainModelConfig.from_dict(dict(ckpt["model_config"])))
         model.load_state_dict(strip_prefixes(ckpt["model"]))
@@ -327,10 +328,10 @@ def load_pretrained(path: str | Path) -> tuple[VIMPACPretrainer, dict]:
     return model.eval(), dict(ckpt.get("metadata") or {})
 
 
-def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> None:
+def _init_from(model: VIMPACPretrainer, path: str, reporter: Reporter, ckpt: dict | None = None) -> None:
     """Continue from another run's weights at a new T or S (the paper's 128 -> 256 phase)."""
     try:
-        source, _ = load_pretrained(path)
+        source, _ = load_pretrained(path, ckpt)
     except ValueError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     state = source.state_dict()
@@ -376,7 +377,7 @@ def _continue_from(model: VIMPACPretrainer, path: str, reporter: Reporter) -> tu
     if schedule["step"] >= schedule["total_steps"]:
         raise ConfigError(f"train.continue_from {path}: its schedule is already complete ({schedule['step']} of "
                           f"{schedule['total_steps']} steps)")
-    _init_from(model, str(source), reporter)
+    _init_from(model, str(source), reporter, ckpt)
     phase = _Phase(str(source), meta.get("run_key", ""), meta.get("run_name", source.parent.name), int(schedule["step"]),
                    int(schedule["total_steps"]), int(schedule["warmup"]))
     return phase, ckpt["optimizer"]
