@@ -181,8 +181,18 @@ class PretrainData(StrictModel):
     max_distance_s: float | None = Field(None, ge=0, description="d_max: largest distance between the two clips in seconds (Table 10; "
                                          "0: the same clip twice, differently masked); none by default.")
     view: str = Field("s100_c", description="Stored view the clips come from (pretraining: resize + center crop, no augmentation).")
+    exclude_split: str | None = Field(
+        None, description="Labeled datasets among the pretraining datasets: leave out the evaluation videos of this split "
+        "(1, 2, 3 or TRAIN:EVAL, as fine-tuning names it), so pretraining on a downstream dataset's own videos without "
+        "labels (VideoMAE's protocol) never sees the videos it is tested on. Unlabeled datasets are used whole.",
+    )
     shuffle_buffer: int = Field(256, ge=1, description="Videos held for shuffling per loader worker.")
     workers: int = operational(2, ge=0, description="Data-loader worker processes per rank (masks are made there).")
+
+    @field_validator("exclude_split", mode="before")
+    @classmethod
+    def _split_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v  # `exclude_split: 1` in YAML or --set means split set 1
 
 
 class PretrainTrain(StrictModel):

@@ -409,3 +409,51 @@ def test_torchrun_launch_of_the_cli_trains_on_two_ranks(corpus, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{corpus.home / 'mlflow' / 'mlflow.db'}",
                           registry_uri=f"sqlite:///{corpus.home / 'mlflow' / 'mlflow.db'}")
     assert client.get_model_version("ddp-backbone", "1").tags["vimpac.datasets"] == "pre"
+
+
+def test_exclude_split_keeps_a_labeled_sets_test_videos_out_and_fine_tuning_warns_when_they_were_in(root, monkeypatch):
+    """VideoMAE's protocol, pretraining on a downstream set's own videos without their labels: the
+    evaluation videos of the chosen split never reach a training batch, the checkpoint records it,
+    and a backbone that did see a split's evaluation videos makes that split's results warn."""
+    import stages.pretrain.train as T
+    from finetune_fixtures import labeled_dataset
+    from stages.config import FinetuneConfig
+    from stages.finetune.train import ModelSource, finetune_cell, load_pretrained_backbone
+
+    info = labeled_dataset(root, "toy")  # 18 videos; split set k tests 6 of them
+    write_shard(root, "pre", 0, list(range(0, 6)), codebook=CODES, make_tokens=learnable_tokens)
+    keys = dict(Catalog(root).rows("SELECT video_id, key FROM token_samples WHERE dataset = 'toy'"))
+    test_of = {k: {f"toy/{keys[v]}" for v, (_, _, splits) in info.items() if splits[k - 1] == "test"} for k in (1, 2)}
+    assert len(test_of[1]) == 6 and not test_of[1] & test_of[2]
+
+    trained: set[str] = set()
+    real_step = T.train_step
+
+    def recording_step(net, optimizer, micro, **kwargs):
+        for b in micro:
+            trained.update(b["keys"])
+        return real_step(net, optimizer, micro, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", recording_step)
+    rep = RecordingReporter()
+    cfg = micro_cfg("train.epochs=3", "validation.holdout=0", "data.exclude_split=1")
+    result = pretrain(root, ["pre", "toy"], cfg, reporter=rep)
+    toy_trained = {k for k in trained if k.startswith("toy/")}
+    assert toy_trained and not toy_trained & test_of[1] and toy_trained & test_of[2]
+    assert len(toy_trained) == 12 and "the 6 evaluation videos of toy split 1 are left out" in rep.text()
+    assert "18 videos in" in rep.text()  # 6 + 18 - 6
+
+    backbone = load_pretrained_backbone(ModelSource(str(result.checkpoint), result.checkpoint))
+    assert backbone.transductive_warning("toy", "1") is None
+    assert "transductive" in backbone.transductive_warning("toy", "2") and backbone.transductive_warning("pre-only", "1") is None
+    whole = pretrain(root, ["pre", "toy"], micro_cfg("train.epochs=1", "validation.holdout=0"))
+    seen_all = load_pretrained_backbone(ModelSource(str(whole.checkpoint), whole.checkpoint))
+    assert "data.exclude_split=1" in seen_all.transductive_warning("toy", "1")
+    ft = build(FinetuneConfig, preset("finetune", "micro"), ["train.epochs=1"])
+    cell = finetune_cell(root, ModelSource(str(whole.checkpoint), whole.checkpoint), "toy", "1", ft, preset="micro")
+    assert any("transductive" in w for w in cell.warnings), "the result row carries the warning"
+
+    with pytest.raises(ConfigError, match="none of the pretraining datasets"):
+        pretrain(root, ["pre"], micro_cfg("train.epochs=1", "data.exclude_split=1"))
+    with pytest.raises(ConfigError, match="split 4 does not exist"):
+        pretrain(root, ["pre", "toy"], micro_cfg("train.epochs=1", "data.exclude_split=4"))

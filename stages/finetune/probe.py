@@ -131,6 +131,9 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = cell_tokenizer(root, dataset, cfg, pretrained.tokenizer if pretrained else None, pretrained is not None, source.ref)
     selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.split)):
+        selection.warnings.append(leak)
+        reporter.warning(leak)
     ccfg = _model_config(cfg, selection, pretrained, source.ref)
     bcfg = ccfg.backbone
     bcfg.dropout = 0.0  # frozen features: eval mode anyway; keeps the config honest

@@ -118,6 +118,17 @@ class _Pretrained:
     recipe: str
     tokenizer: str | None
     preset: str | None
+    datasets: tuple[str, ...] = ()  # what it was pretrained on
+    excluded_splits: dict[str, str] = field(default_factory=dict)  # dataset -> split whose evaluation videos it never saw
+
+    def transductive_warning(self, dataset: str, split: str) -> str | None:
+        """A warning when this backbone was pretrained on `dataset` including the evaluation videos of
+        `split`: unlabeled, but the result is then transductive, not comparable with one that never saw them."""
+        if dataset not in self.datasets or self.excluded_splits.get(dataset) == split:
+            return None
+        return (f"{self.recipe} was pretrained on {dataset} including the evaluation videos of split {split} (without "
+                f"their labels), so this result is transductive; to pretrain on {dataset}'s own videos as VideoMAE does, "
+                f"leave them out with pretrain data.exclude_split={split}")
 
 
 def _checkpoint_file(path: Path) -> Path:
@@ -143,7 +154,9 @@ def load_pretrained_backbone(source: ModelSource) -> _Pretrained:
     state = {k[len("backbone."):]: v for k, v in strip_prefixes(ckpt["model"]).items() if k.startswith("backbone.")}
     identity = _model_identity(meta, path)
     preset = ((meta.get("config") or {}).get("model") or {}).get("preset")
-    return _Pretrained(mcfg.backbone, state, identity, source.name or meta.get("run_name") or path.stem, meta.get("tokenizer"), preset)
+    excluded = {d: str(e["split"]) for d, e in dict(meta.get("excluded_eval_videos") or {}).items()}
+    return _Pretrained(mcfg.backbone, state, identity, source.name or meta.get("run_name") or path.stem, meta.get("tokenizer"), preset,
+                       tuple(meta.get("datasets") or ()), excluded)
 
 
 def _model_identity(meta: dict, path: Path) -> str:
@@ -283,6 +296,8 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = _tokenizer(root, dataset, cfg, pretrained, source.ref)
     selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.split)):
+        selection.warnings.append(leak)
     for warning in selection.warnings:
         reporter.warning(warning)
     ccfg = _model_config(cfg, selection, pretrained, source.ref)

@@ -39,6 +39,7 @@ from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrup
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer, default_cl_input
 from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
+from stages.finetune.splits import select_split  # fine-tuning's own split resolution, so both agree on the videos
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, holdout_videos, token_shards
 from stages.reporting import Reporter
@@ -454,6 +455,29 @@ def validation_set(root: DataRoot, shards: list[TokenShard], cfg: PretrainConfig
                        [s for s in shards if s.path in paths], keys, keys)
 
 
+def split_eval_videos(root: DataRoot, shards: list[TokenShard], split: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """Per labeled dataset of `shards`: the split as resolved ("auto" -> "1") and the "dataset/key"
+    samples of its evaluation videos in it, which pretraining leaves out (`data.exclude_split`).
+    Matched by video id, so a video is left out whichever view variant the pretraining shards
+    hold. ConfigError when no shard is of a labeled dataset: the setting would protect nothing."""
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    catalog = Catalog(root)
+    labeled = {d for (d,) in catalog.rows("SELECT dataset FROM datasets WHERE len(classes) >= 2")}
+    for dataset in sorted({s.dataset for s in shards} & labeled):
+        selection = select_split(root, dataset, split, shards[0].tokenizer)
+        ids = [v.video_id for v in selection.eval]
+        paths = [s.path for s in shards if s.dataset == dataset]
+        rows = catalog.rows(
+            "SELECT DISTINCT key FROM token_samples WHERE dataset = ? AND status = 'ok' "
+            "AND list_contains(?, video_id) AND list_contains(?, shard)", [dataset, ids, paths])
+        out[dataset] = selection.split, frozenset(f"{dataset}/{k}" for (k,) in rows)
+    if not out:
+        raise ConfigError(f"data.exclude_split={split!r}: none of the pretraining datasets "
+                          f"({', '.join(sorted({s.dataset for s in shards}))}) is labeled, so no evaluation videos can be "
+                          "left out; remove the setting")
+    return out
+
+
 def pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, *, reporter: Reporter | None = None,
              force: bool = False, max_steps: int | None = None) -> PretrainResult:
     """Pretrain (or resume, or find finished) a VIMPAC model on these datasets' token shards.
@@ -530,7 +554,12 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
 
     world, device = info.world_size, info.device
     validation = validation_set(root, shards, cfg)
-    n_videos = sum(s.n_samples for s in shards) - len(validation.exclude)
+    left_out = split_eval_videos(root, shards, cfg.data.exclude_split) if cfg.data.exclude_split else {}
+    train_exclude = validation.exclude.union(*(keys for _, keys in left_out.values()))
+    for dataset, (split, keys) in left_out.items():
+        reporter.info(f"pretrain: the {len(keys)} evaluation videos of {dataset} split {split} are left out of pretraining "
+                      "(data.exclude_split)")
+    n_videos = sum(s.n_samples for s in shards) - len(train_exclude)
     videos_per_epoch = cfg.train.videos_per_epoch or n_videos
     batches_per_epoch = max(1, math.ceil(videos_per_epoch / (cfg.train.batch_size * world)))
     k = cfg.train.accumulate
@@ -553,7 +582,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
         return ClipLoader(root, shards, sampling, batch_size=cfg.train.batch_size, batches_per_epoch=batches,
                           pad_id=bcfg.pad_id, seed=seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
                           shuffle_buffer=cfg.data.shuffle_buffer, transform=transform, pin_memory=device.type == "cuda",
-                          exclude=validation.exclude)
+                          exclude=train_exclude)
 
     def validate() -> dict[str, float]:
         """Fresh clips and masks of the validation videos (the same ones at every validation)."""
@@ -713,6 +742,8 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
                 "datasets": list(datasets), "tokenizer": tokenizer, "data_fingerprint": fingerprint,
                 "shards": [s.path for s in shards], "frame_size": size, "n_blocks": n_blocks, "world_size": world,
                 "validation": {"on": validation.description, "videos": sorted(validation.only or [])},
+                # Fine-tuning reads this to tell a backbone that saw a test set's videos (docs/learning.md).
+                "excluded_eval_videos": {d: {"split": sp, "videos": len(k)} for d, (sp, k) in left_out.items()},
                 "config": cfg.model_dump(mode="json")}
     if phase is not None:
         metadata["continued_from"] = {"checkpoint": phase.source, "run_key": phase.run_key, "run_name": phase.run_name,
