@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from stages import threads
 from stages.config import (
     PRESETS,
     STAGES,
@@ -29,6 +30,8 @@ from stages.config import (
 )
 from warehouse.layout import DataRoot
 
+# Commands whose process trains, encodes or decodes: they take a share of the cores (stages/threads.py).
+COMPUTING_COMMANDS = ("run", "demo", "tokens-png")
 SCRATCH_ROW = "scratch"  # the demo's report compares every row with the from-scratch baseline
 # The demo's data stages alone: what `vimpac demo --grid` and bench/effect.py run before a grid.
 DEMO_DATA_STAGES = "stages=[ingest,frames,tokenizer,tokenize]"
@@ -224,12 +227,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = resolve_pipeline(args.config, overrides + dask, _pipeline_presets(args))
         if not cfg.datasets:
             raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
+        _config_threads(cfg.threads)
         root, flows = _flows(args.home)
         flows.pipeline.pipeline(cfg, str(root.home), args.force)
         return 0
     if not args.dataset:
         raise ConfigError(f"vimpac run {args.stage} needs --dataset NAME")
     file_data = load_pipeline_file(args.config) if args.config else {}
+    if file_data.get("threads") is not None:
+        _config_threads(build(PipelineConfig, {"threads": file_data["threads"]}).threads)
     stage_data = dict(file_data.get(args.stage) or {})
     if args.preset:
         stage_data = deep_merge(preset(args.stage, args.preset[0]), stage_data)
@@ -265,6 +271,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = stage_flow(dataset, stage_cfg, str(root.home), args.force, **({"dask": dask} if dask else {}))
     print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _config_threads(value: int | None) -> None:
+    """A pipeline config's `threads`, read after the process claimed its share (--threads wins)."""
+    if value is not None:
+        threads.claim(config=value)
 
 
 def _finetune_one(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -460,6 +472,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config_file = demo_pipeline_file(out_dir, datasets)
     grid = load_grid(args.grid, []) if getattr(args, "grid", None) else None
     cfg = resolve_pipeline(config_file, list(args.set or []) + ([DEMO_DATA_STAGES] if grid else []))
+    _config_threads(cfg.threads)
     print(f"[2/3] running the pipeline ({', '.join(cfg.stages)}) from {config_file}")
     root, flows = _flows(str(root.home))
     flows.pipeline.pipeline(cfg, str(root.home), args.force)
@@ -552,9 +565,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads_arg(value: str) -> str:
+    try:
+        threads.parse_threads(value, "--threads")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _claim_threads(args: argparse.Namespace) -> None:
+    """Before anything imports torch (OpenMP reads its settings when it loads): a computing
+    command takes its share of the cores; `serve` hands --threads and the wait policy to the flow
+    runs it starts, which take their share where they start computing."""
+    given = getattr(args, "threads", None)
+    try:
+        if args.command in COMPUTING_COMMANDS:
+            threads.claim(given, report=lambda text: print(f"vimpac: {text}", file=sys.stderr))
+        elif args.command == "serve":
+            if given is not None:
+                os.environ["VIMPAC_THREADS"] = given
+            if threads.parse_threads(os.environ.get("VIMPAC_THREADS") or "1", "VIMPAC_THREADS") is not None:
+                os.environ.setdefault(threads.WAIT_POLICY, "PASSIVE")
+    except ValueError as e:  # a bad VIMPAC_THREADS
+        raise ConfigError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, help="data root (default: $VIMPAC_HOME or ./vimpac-data)")
+    common.add_argument("--threads", type=_threads_arg, default=argparse.SUPPRESS, metavar="N|off",
+                        help="compute threads of this process (default: $VIMPAC_THREADS, the config's `threads`, "
+                             "$OMP_NUM_THREADS, else the cores divided among the vimpac processes computing on this machine; "
+                             "off: torch's default, every core)")
     parser = argparse.ArgumentParser(
         prog="vimpac", description="VIMPAC pipeline: raw videos -> tokens -> pretrained video transformer -> results.",
         parents=[common],
@@ -667,6 +709,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "home"):
         args.home = None
     try:
+        _claim_threads(args)
         return args.func(args)
     except ConfigError as e:
         print(f"vimpac: configuration error: {e}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     dask: null            Prefect's default task runner (threads in the flow process)
     dask: local           a LocalCluster for this flow run: one single-threaded worker process per
-                          core, at most the stage's `workers` (more could never be busy)
+                          core, at most the stage's `workers` (more could never be busy); each
+                          worker computes on its part of the flow process's threads
     dask: local:N         the same with exactly N worker processes
     dask: tcp://host:8786 an existing scheduler (also tls://, ws://, wss://, ucx://)
 
@@ -35,6 +36,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from stages import threads
 from stages.reporting import Reporter
 from warehouse.layout import DataRoot
 
@@ -195,14 +197,7 @@ class DaskUnitRunner:
             dask_log = logging.getLogger("distributed")
             self._stack.callback(dask_log.setLevel, dask_log.level)
             dask_log.setLevel(max(dask_log.getEffectiveLevel(), logging.WARNING))
-            runner = DaskTaskRunner(
-                cluster_class="distributed.LocalCluster",
-                cluster_kwargs={
-                    # Any free port: flows running side by side each get their own dashboard.
-                    "n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
-                    "local_directory": str(self.root.tmp / "dask"),
-                },
-            )
+            runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(n, self.root))
             if n > stage_workers:
                 self.reporter.warning(f"dask {self.target.setting}: {n} workers but the stage keeps at most {stage_workers} "
                                       "units in flight; raise the stage's `workers` to use them all")
@@ -286,6 +281,18 @@ class DaskUnitRunner:
     def summary(self) -> dict[str, Any]:
         """For the stage summary: the setting, the cluster's size and which workers did the units."""
         return {"dask": self.target.setting, "dask_workers": self.n_workers, "dask_placements": self.placements}
+
+
+def local_cluster_kwargs(n_workers: int, root: DataRoot) -> dict[str, Any]:
+    """A LocalCluster of `n_workers` single-threaded worker processes. Dask's nannies start each
+    worker with OMP_NUM_THREADS=1 whatever the machine; here each gets its part of this process's
+    share of the cores instead (stages/threads.py), so N workers neither fight over the cores nor
+    leave them idle."""
+    share = threads.current()
+    env = threads.child_env(share.part(n_workers))
+    # Any free port: flows running side by side each get their own dashboard.
+    return {"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
+            "local_directory": str(root.tmp / "dask"), **({"env": env} if env else {})}
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 splits x presets), each a Prefect task with its own nested MLflow run, written to the catalog's
 `results` and `predictions` views.
 
-Cells run one after another (one GPU, or CPU), or `parallel` at a time over the visible GPUs.
+Cells run one after another (one GPU, or CPU), or `parallel` at a time over the visible GPUs;
+cells running at once split the process's compute threads (stages/threads.py).
 A cell whose evaluation is already in the catalog is reported as cached and does no work; one
 failed cell is logged and listed and does not stop the others; the flow fails at the end if
 any cell failed, after everything else was committed.
@@ -18,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from stages import threads
 from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, build
 from stages.finetune.grid import BAG_OF_CODES, PROBE, Cell, expand_grid, recipe_configs
 from stages.finetune.probe import bag_of_codes_cell, probe_cells
@@ -55,7 +57,17 @@ def resolve_model(model: GridModel) -> ModelSource:
 # The stage keys and caches cells itself (by eval id, in the catalog), so Prefect's own result
 # caching stays off: it would hide a cell whose results were deleted.
 @task(name="finetune-cell", task_run_name="{cell.dataset}-{cell.split}-{cell.preset}", cache_policy=NO_CACHE)
-def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool) -> dict:
+def run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool, parallel: int = 1) -> dict:
+    """One cell; `parallel` cells run at once in this process, each on its part of the threads."""
+    with threads.one_of(parallel):
+        logger = get_run_logger()
+        share = threads.rebalance(logger.info)
+        if parallel > 1 and share.threads is not None:
+            logger.info(f"{parallel} cells at once: {share.part(parallel)} threads each ({share.describe()})")
+        return _run_cell(cell, home, grid_name, experiment, force)
+
+
+def _run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: bool) -> dict:
     logger = get_run_logger()
     root = DataRoot(home)
     config = {"model": cell.model.model_dump(), "dataset": cell.dataset, "split": cell.split, "preset": cell.preset, "kind": cell.kind,
@@ -166,7 +178,7 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
         args = (str(root.home), grid.name, grid.experiment, force)
         if grid.parallel > 1:
             futures = [run_cell.with_options(task_run_name=f"{c.dataset}-{c.split}-{c.preset}").submit(
-                _on_device(c, i, grid.parallel), *args) for i, c in enumerate(cells)]
+                _on_device(c, i, grid.parallel), *args, parallel=grid.parallel) for i, c in enumerate(cells)]
             states = [f.wait() or f.state for f in futures]
         else:
             states = [run_cell(c, *args, return_state=True) for c in cells]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from stages import threads
 from stages.config import PRETRAINED, ConfigError, GridConfig, GridDataset, GridModel, GridPretrain, PipelineConfig
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -101,6 +102,8 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
         force: recompute every configured stage, even units that are cached.
     """
     logger = get_run_logger()
+    # The config's `threads` (a served run has no CLI to read it); --threads still wins.
+    logger.info(threads.claim(config=config.threads).describe())
     root = DataRoot(home).ensure()
     catalog = Catalog(root)
     catalog.refresh()

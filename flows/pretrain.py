@@ -6,6 +6,7 @@ import json
 
 from prefect import flow
 
+from stages import threads
 from stages.config import DatasetConfig, PretrainConfig, config_hash
 from stages.pretrain.train import pretrain as run_pretrain
 from stages.pretrain.train import resolve_tokenizer_identity
@@ -39,6 +40,7 @@ def pretrain(dataset: DatasetConfig, config: PretrainConfig | None = None, home:
     with stage_flow_run("pretrain", dataset.name, home, resolved, lock_key="+".join(sorted(datasets)) + "-" + config_hash(config)[:8]) as ctx:
         identity = resolve_tokenizer_identity(ctx.root, datasets, config.tokenizer)
         config = config.model_copy(update={"tokenizer": identity})
+        threads.rebalance(ctx.reporter.info)  # the share training starts with, in the flow's log when it changed
         result = run_pretrain(ctx.root, datasets, config, reporter=ctx.reporter, force=force)
         ctx.set_run_name(f"pretrain-{result.run_name}")
         summary = {"dataset": dataset.name, "run_name": result.run_name, "run_key": result.run_key,

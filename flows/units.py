@@ -8,6 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
+from stages.threads import Pooled
+
 
 class Submitter(Protocol):
     """What `prefect_runner` submits through instead of the flow's own task runner: a started
@@ -34,9 +36,12 @@ def prefect_runner(
 ) -> Iterator[tuple[Any, Any]]:
     """Each unit as a `run_unit` task run of the current flow, yielded as units finish. Tasks go
     to the flow's task runner, or to `task_runner` when given (flows/dask_runner.py: a flow
-    cannot swap its own runner once started); either way at most `workers` are in flight."""
+    cannot swap its own runner once started); either way at most `workers` are in flight. On the
+    flow's runner (threads of this process) each unit computes on its part of the process's threads."""
     in_flight: dict[PrefectFuture, Any] = {}
     queue = list(units)
+    if task_runner is None:
+        fn = Pooled(fn, min(workers, len(queue)))
     while queue or in_flight:
         while queue and len(in_flight) < max(1, workers):
             unit = queue.pop(0)

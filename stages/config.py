@@ -579,6 +579,12 @@ class PipelineConfig(StrictModel):
         "processes) or a scheduler address (`tcp://host:8786`); unset: threads in the flow process. Same output "
         "either way; remote workers need the data root at the same path (docs/scale-out.md).",
     )
+    threads: int | None = operational(
+        None, ge=1,
+        description="Compute threads of the process running the pipeline; pools it starts split them (`parallel` grid cells, "
+        "unit threads, local Dask workers). Unset: the cores divided among the vimpac processes computing on this machine. "
+        "`vimpac --threads N` and VIMPAC_THREADS win over it (docs/scale-out.md).",
+    )
 
     @field_validator("datasets")
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from stages.reporting import Reporter
+from stages.threads import Pooled
 
 
 class UnitRunner(Protocol):
@@ -24,6 +25,9 @@ class UnitRunner(Protocol):
 def thread_runner(
     fn: Callable[[Any], Any], units: Sequence[Any], *, workers: int, name: Callable[[Any], str] = str
 ) -> Iterator[tuple[Any, Any]]:
+    units = list(units)
+    # Units computing at once split the process's threads (stages/threads.py).
+    fn = Pooled(fn, min(workers, len(units)))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="unit") as pool:
         pending = {pool.submit(fn, u): u for u in units}
         while pending:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stages.threads import worker_process
 
 HEARTBEAT_S = 1.0
 
@@ -117,8 +118,7 @@ def decode_video(job: dict[str, Any], settings: WorkerSettings, scratch: Path, h
 
 def _child(conn, settings: WorkerSettings, scratch: str) -> None:
     # One decoder thread per process (DESIGN.md: decord's VP9 bug; scaling by processes).
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[var] = "1"
+    worker_process(1, "frame decoder")
     scratch_dir = Path(scratch)
     last = [0.0]
 

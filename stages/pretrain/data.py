@@ -47,6 +47,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.frames.views import PRETRAIN_VIEW
+from stages.threads import loader_worker_init
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -344,6 +345,9 @@ class ClipLoader:
             _EpochStream(self, epoch, skip_batches), batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),
             multiprocessing_context=_worker_context() if self.num_workers else None,
+            # One thread per worker (torch's own default there too, but also OpenMP/MKL/OpenBLAS
+            # and what a worker starts): the training process keeps its share of the cores.
+            worker_init_fn=loader_worker_init if self.num_workers else None,
         )
         return _owned(iter(loader))
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from stages import threads
 from stages.checkpoints import resolve_device
 
 
@@ -34,6 +35,8 @@ def launched_by_torchrun() -> bool:
 
 
 def setup(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    # Training starts here (pretraining, fine-tuning): its thread takes the process's current share.
+    threads.rebalance()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -32,6 +32,7 @@ import torch
 from models.tokenizer import ImageTokenizer
 from stages.config import ConfigError, DatasetConfig, TokenizeConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
+from stages import threads
 from stages.reporting import Reporter
 from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
@@ -308,6 +309,7 @@ def run_tokenize(
     runner: UnitRunner = thread_runner,
 ) -> StageOutcome:
     reporter = reporter or Reporter()
+    threads.rebalance(reporter.info)  # encoding starts: the process's current share, split among the units in flight
     if not isinstance(tokenizer.model, ImageTokenizer):
         raise ConfigError(f"tokenizer {tokenizer.identity} does not offer encode/decode/codebook_size/downsample")
     with file_lock(root.locks / f"{STAGE}--{dataset.name}.lock"):

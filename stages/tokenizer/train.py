@@ -41,6 +41,7 @@ from models.vqvae import PRESETS, VQVAE
 from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, resolve_device, rng_states, set_rng_states, strip_prefixes
 from stages.config import TokenizerConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
+from stages import threads
 from stages.reporting import Reporter
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -437,6 +438,7 @@ def train_tokenizer(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, *
     reporter = reporter or Reporter()
     if not datasets:
         raise ValueError("train_tokenizer needs at least one dataset")
+    threads.rebalance(reporter.info)  # training starts: this thread takes the process's current share of the cores
     planned = tokenizer_run(root, datasets, cfg, frame_size)
     shards, fingerprint, run_key, run_dir = planned.shards, planned.data_fingerprint, planned.run_key, planned.run_dir
     final, last, grid = planned.final, planned.last, run_dir / "grid.png"
