@@ -584,8 +584,7 @@ def _claim_threads(args: argparse.Namespace) -> None:
         elif args.command == "serve":
             if given is not None:
                 os.environ["VIMPAC_THREADS"] = given
-            if threads.parse_threads(os.environ.get("VIMPAC_THREADS") or "1", "VIMPAC_THREADS") is not None:
-                os.environ.setdefault(threads.WAIT_POLICY, "PASSIVE")
+            threads.parse_threads(os.environ.get("VIMPAC_THREADS") or "1", "VIMPAC_THREADS")  # a bad value fails now
     except ValueError as e:  # a bad VIMPAC_THREADS
         raise ConfigError(str(e)) from None
 
