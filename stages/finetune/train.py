@@ -9,7 +9,7 @@ for flip-sensitive datasets) and a random temporal clip of each training video; 
 interpolated when T or S differ from pretraining. The from-scratch baseline trains 4x as long
 on small datasets and 1.5x on large ones, as the paper does.
 
-Checkpoints, resume and DDP behave as in pretraining (stages/pretrain/train.py): `last.pt`
+It runs on the shared training engine (stages/engine.py), as pretraining does: `last.pt`
 every `checkpoint_every` steps with the loader position and RNG states, Ctrl-C stops at a step
 boundary, and a finished cell (its results rows exist) is not computed again unless forced.
 """
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import copy
 import csv
-import functools
 import hashlib
 import io
 import json
 import math
 import random
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,15 +35,15 @@ from models.backbone import PRESETS as BACKBONES
 from models.backbone import BackboneConfig, load_state_resized
 from models.classifier import ClassifierConfig, VideoClassifier
 from models.pretrain import PretrainModelConfig
-from stages.checkpoints import atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import atomic_save, read_checkpoint, strip_prefixes
 from stages.config import PRESETS, ConfigError, FinetuneConfig, FinetuneTrain, build, config_hash
+from stages.engine import Engine, Objective, adamw, compile_layers, schedule
 from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
 from stages.finetune.evaluate import EvalScores, score_videos
 from stages.finetune.splits import SplitSelection, dataset_tokenizers, select_split
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard
 from stages.pretrain.train import FORMAT as PRETRAIN_FORMAT
-from stages.pretrain.train import lr_factor, param_groups, stop_at_step_boundary, to_device
 from stages.reporting import Reporter
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -403,120 +400,33 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}: {e}") from None
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=lr, betas=(cfg.train.beta1, cfg.train.beta2),
-                                  fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=warmup, total=total_steps))
+    optimizer = adamw(model, lr=lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay, device=device)
+    scheduler = schedule(optimizer, first_step=0, warmup=warmup, total=total_steps)
     loader = ClipLoader(root, selection.train_shards, ClipSampling(n_frames=ccfg.backbone.frames, view=None, clips=1),
                         batch_size=cfg.train.batch_size, batches_per_epoch=batches_per_epoch, pad_id=ccfg.backbone.pad_id,
                         seed=cfg.train.seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
                         shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=device.type == "cuda", labels=selection.train)
-    step, epoch, consumed = 0, 0, 0
-    if last.exists():
-        ckpt = read_checkpoint(last, FORMAT, "fine-tune")
-        try:
-            model.load_state_dict(strip_prefixes(ckpt["model"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
-            set_rng_states(ckpt["rng"][info.rank], device)
-            watch.update(ckpt.get("watch") or {})
-            warnings.extend(ckpt.get("warnings") or [])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
-        reporter.info(f"{where}: resuming at step {step}/{total_steps}")
+    objective = _FinetuneRunObjective(model, n_classes=ccfg.n_classes, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+                                      amp=amp, device=device, world=world, where=where, reporter=reporter, watch=watch,
+                                      warnings=warnings)
+    engine = Engine(model, optimizer, scheduler, objective, info=info, reporter=reporter, amp=amp, grad_clip=cfg.train.grad_clip,
+                    accumulate=k, last=last, what="fine-tune", log_every=cfg.train.log_every,
+                    checkpoint_every=cfg.train.checkpoint_every, batches_per_epoch=batches_per_epoch,
+                    checkpoint_header={"format": FORMAT, "code_version": CODE_VERSION, "run_key": run_key,
+                                       "model_config": ccfg.to_dict()})
+    if engine.resume():
+        reporter.info(f"{where}: resuming at step {engine.step}/{total_steps}")
     else:
         scratch = f" (from scratch: {factor:g}x the epochs)" if pretrained is None else ""
         reporter.info(f"{where}: fine-tuning {model.backbone.num_params() / 1e6:.1f}M parameters for {total_steps} steps of "
                       f"{cfg.train.batch_size}x{world}x{k} videos{scratch}; {n_train} training videos, {len(selection.classes)} classes, "
                       f"lr {lr:g} on {device} ({run_key})")
     if cfg.train.compile:
-        for i, layer in enumerate(model.backbone.layers):
-            model.backbone.layers[i] = torch.compile(layer)
-    net: torch.nn.Module = model
-    if world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    stream = {"epoch": epoch, "pos": consumed}
-
-    def micro_batches():
-        while True:
-            for batch in loader.epoch(stream["epoch"], skip_batches=stream["pos"]):
-                stream["pos"] += 1
-                for err in batch.get("errors") or []:
-                    reporter.warning(f"fine-tune data: {err}")
-                yield batch
-            stream["epoch"], stream["pos"] = stream["epoch"] + 1, 0
-
-    def save_resume() -> None:
-        states = [None] * world
-        mine = rng_states(device)
-        if world > 1:
-            torch.distributed.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        if info.is_main:
-            atomic_save({"format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
-                         "model": strip_prefixes(model.state_dict()), "model_config": ccfg.to_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                         "epoch": stream["epoch"], "consumed": stream["pos"], "rng": states, "world_size": world,
-                         "watch": {k: v.clone() for k, v in watch.items()}, "warnings": list(warnings)}, last)
-        D.barrier()
-
+        compile_layers(model.backbone.layers)
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    window = torch.zeros(7, dtype=torch.float64)  # loss sum, correct, videos, grad_norm sum, steps, wait seconds, feature spread (at the log step)
-    # Learning checks (issue 14): accuracy over the first half of the run against chance, and
-    # per-class accuracy over the last epoch's worth of steps (at least one).
-    n_classes = ccfg.n_classes
-    half, tail_from = total_steps // 2, max(0, total_steps - max(1, batches_per_epoch))
-    watch["first_half"] = watch.get("first_half", torch.zeros(2, dtype=torch.float64))  # correct, videos
-    watch["tail"] = watch.get("tail", torch.zeros(2, n_classes, dtype=torch.float64))
-    started = time.perf_counter()
-    reporter.start_progress(total_steps, f"fine-tune {where}")
-    if step:
-        reporter.advance(step)
-    with flush_denormals(device), stop_at_step_boundary(world == 1) as interrupt:
-        batches = micro_batches()
-        while step < stop_at:
-            t_wait = time.perf_counter()
-            micro = [to_device(next(batches), device) for _ in range(k)]
-            wait = time.perf_counter() - t_wait
-            current_lr = optimizer.param_groups[0]["lr"]
-            loss_sum, correct, videos, grad_norm, per_class = train_step(net, optimizer, micro, device=device, amp=amp,
-                                                                         grad_clip=cfg.train.grad_clip, n_classes=n_classes)
-            scheduler.step()
-            step += 1
-            if step <= half:
-                watch["first_half"] += torch.tensor([correct, videos], dtype=torch.float64)
-            if step > tail_from:
-                watch["tail"] += per_class
-            if step == half and half > 0:
-                chance_check(D.all_reduce_sum(watch["first_half"].to(device)).cpu(), n_classes, half, where, reporter, warnings)
-            window += torch.tensor([loss_sum, correct, videos, grad_norm, 1.0, wait, 0.0], dtype=torch.float64)
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                window[6] = feature_spread(model, micro[0]["tokens"][:, 0], amp)
-                sums = D.all_reduce_sum(window.to(device)).cpu()
-                elapsed = max(1e-9, time.perf_counter() - started)
-                values = {"loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2]), "lr": current_lr,
-                          "grad_norm": float(sums[3] / sums[4]), "videos_per_s": float(sums[2] / elapsed),
-                          "data_wait_frac": float(sums[5] / world / elapsed),
-                          "epoch": stream["epoch"] + stream["pos"] / batches_per_epoch,
-                          "feature_spread": float(sums[6] / world)}
-                watch.setdefault("spread_start", torch.tensor(values["feature_spread"], dtype=torch.float64))
-                watch["spread_last"] = torch.tensor(values["feature_spread"], dtype=torch.float64)
-                if info.is_main:
-                    reporter.metrics(values, step=step)
-                window.zero_()
-                started = time.perf_counter()
-            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                save_resume()
-            reporter.advance()
-            if interrupt["stop"]:
-                save_resume()
-                reporter.info(f"interrupted at step {step}: position saved; run the same command again to continue")
-                raise KeyboardInterrupt
-        batches.close()
+    step = engine.run(first_step=0, end_step=total_steps, stop_at=stop_at, label=f"fine-tune {where}",
+                      epochs=lambda epoch, skip: loader.epoch(epoch, skip_batches=skip))
     if step < total_steps:
-        save_resume()
         reporter.info(f"{where}: stopped at step {step}/{total_steps}; run again to continue")
         return model, step, False
     if "spread_start" in watch:
@@ -525,9 +435,9 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
     watch["per_class"] = {name: (float(tail[0, i] / tail[1, i]) if tail[1, i] else None) for i, name in enumerate(classes)}
     if info.is_main:
         reporter.metrics({f"train_acc_class/{name}": acc for name, acc in watch["per_class"].items() if acc is not None}, step=step)
-        reporter.info(f"{where}: training accuracy per class over the last {total_steps - tail_from} steps: "
+        reporter.info(f"{where}: training accuracy per class over the last {total_steps - objective.tail_from} steps: "
                       + ", ".join(f"{name} {acc:.2f}" if acc is not None else f"{name} -" for name, acc in watch["per_class"].items()))
-    used = recompute_head_statistics(model, loader.epoch(stream["epoch"] + 1), max(1, min(batches_per_epoch, 50)), device, amp)
+    used = recompute_head_statistics(model, loader.epoch(engine.epoch + 1), max(1, min(batches_per_epoch, 50)), device, amp)
     if used:
         reporter.info(f"{where}: head BatchNorm statistics re-estimated on {used} training batches (eval mode)")
     return model, step, True
@@ -585,36 +495,75 @@ def chance_check(first_half: torch.Tensor, n_classes: int, steps: int, where: st
     return text
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *, device: torch.device,
-               amp: bool, grad_clip: float, n_classes: int | None = None) -> tuple[float, float, float, float, torch.Tensor | None]:
-    """One optimizer step over k micro-batches: cross-entropy summed and divided by the global
-    batch's video count, so accumulation and DDP equal one large batch. Returns (loss sum,
-    correct, videos, grad norm, per-class (2, C) [correct, videos] or None) of this rank."""
-    k = len(micro_batches)
-    ddp = isinstance(model, DistributedDataParallel)
-    world = torch.distributed.get_world_size() if ddp else 1
-    local = float(sum(int(b["labels"].numel()) for b in micro_batches))
-    norm = D.all_reduce_sum(torch.tensor([local], device=device)) / world
-    loss_sum = correct = 0.0
-    per_class = torch.zeros(2, n_classes, dtype=torch.float64) if n_classes else None
-    model.train()
-    for i, b in enumerate(micro_batches):
-        with nullcontext() if (not ddp or i == k - 1) else model.no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(b["tokens"][:, 0])  # (B, C): the batch's one clip per video
-            ce = F.cross_entropy(logits.float(), b["labels"], reduction="sum")
-            (ce / norm).backward()
-        loss_sum += float(ce.detach())
-        hits = logits.detach().argmax(-1) == b["labels"]
-        correct += float(hits.sum())
-        if per_class is not None:
-            labels = b["labels"].cpu()
-            per_class[0].index_add_(0, labels, hits.cpu().double())
-            per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, correct, local, grad_norm, per_class
+class ClassificationObjective(Objective):
+    """Fine-tuning on the engine: cross-entropy summed and divided by the global batch's video
+    count, so accumulation and DDP equal one large batch. Figures: loss sum, correct, and
+    per-class (2, C) [correct, videos] counts of this rank."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+
+    def step_context(self, net: torch.nn.Module, micro_batches: list[dict], device: torch.device) -> torch.Tensor:
+        world = torch.distributed.get_world_size() if isinstance(net, DistributedDataParallel) else 1
+        local = float(sum(int(b["labels"].numel()) for b in micro_batches))
+        return D.all_reduce_sum(torch.tensor([local], device=device)) / world
+
+    def loss(self, net: torch.nn.Module, batch: dict, norm: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        logits = net(batch["tokens"][:, 0])  # (B, C): the batch's one clip per video
+        ce = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        hits = logits.detach().argmax(-1) == batch["labels"]
+        labels = batch["labels"].cpu()
+        per_class = torch.zeros(2, self.n_classes, dtype=torch.float64)
+        per_class[0].index_add_(0, labels, hits.cpu().double())
+        per_class[1].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        return ce / norm, {"loss_sum": float(ce.detach()), "correct": float(hits.sum()), "per_class": per_class}
+
+    def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        videos = max(1.0, sums["videos"])
+        return {"loss": sums["loss_sum"] / videos, "train_acc": sums["correct"] / videos}
+
+
+class _FinetuneRunObjective(ClassificationObjective):
+    """The objective inside a fine-tuning run, with its learning checks (issue 14): accuracy
+    over the first half of the run against chance, per-class accuracy over the last epoch's worth
+    of steps (at least one), and the pooled features' spread at every log step."""
+
+    def __init__(self, model: VideoClassifier, *, n_classes: int, total_steps: int, batches_per_epoch: int, amp: bool,
+                 device: torch.device, world: int, where: str, reporter: Reporter, watch: dict, warnings: list[str]):
+        super().__init__(n_classes)
+        self.model, self.amp, self.device, self.world, self.where, self.reporter = model, amp, device, world, where, reporter
+        self.half, self.tail_from = total_steps // 2, max(0, total_steps - max(1, batches_per_epoch))
+        self.watch, self.warnings = watch, warnings
+        watch["first_half"] = watch.get("first_half", torch.zeros(2, dtype=torch.float64))  # correct, videos
+        watch["tail"] = watch.get("tail", torch.zeros(2, n_classes, dtype=torch.float64))
+
+    def after_step(self, step: int, figures: dict) -> None:
+        watch = self.watch
+        if step <= self.half:
+            watch["first_half"] += torch.tensor([figures["correct"], figures["videos"]], dtype=torch.float64)
+        if step > self.tail_from:
+            watch["tail"] += figures["per_class"]
+        if step == self.half and self.half > 0:
+            chance_check(D.all_reduce_sum(watch["first_half"].to(self.device)).cpu(), self.n_classes, self.half, self.where,
+                         self.reporter, self.warnings)
+
+    def at_log(self, micro_batches: list[dict]) -> dict[str, float]:
+        return {"feature_spread": feature_spread(self.model, micro_batches[0]["tokens"][:, 0], self.amp)}
+
+    def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        return {**super().summarise(sums, base), "feature_spread": sums["feature_spread"] / self.world}
+
+    def logged(self, values: dict[str, float]) -> None:
+        self.watch.setdefault("spread_start", torch.tensor(values["feature_spread"], dtype=torch.float64))
+        self.watch["spread_last"] = torch.tensor(values["feature_spread"], dtype=torch.float64)
+
+    def state(self) -> dict:
+        return {"watch": {k: v.clone() for k, v in self.watch.items() if isinstance(v, torch.Tensor)},
+                "warnings": list(self.warnings)}
+
+    def load_state(self, ckpt: dict, is_main: bool) -> None:
+        self.watch.update(ckpt.get("watch") or {})
+        self.warnings.extend(ckpt.get("warnings") or [])
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The pretrain stage: VIMPAC's mask-then-predict + contrastive pretraining over token shards.
 
-One process, or one per GPU under torchrun (DDP). Everything a resume needs (model, optimizer,
+The objective (`MaskedTokenObjective`) runs on the shared training engine (stages/engine.py),
+in one process, or one per GPU under torchrun (DDP). Everything a resume needs (model, optimizer,
 scheduler, step, RNG states, the loader's position, the config) is saved atomically every
 `checkpoint_every` steps; a run with the same key picks it up and continues the same run, with
 the same losses as an uninterrupted one. The finished backbone is `final.pt` in
@@ -20,12 +21,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
-import time
-from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +32,9 @@ from models.backbone import PRESETS as BACKBONES
 from models.backbone import flops_per_clip, load_state_resized
 from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, iid_mask
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer, default_cl_input
-from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import KeyedRun, atomic_save, read_checkpoint, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
+from stages.engine import Engine, Objective, adamw, compile_layers, lr_factor, optimizer_step, param_groups, schedule, to_device  # noqa: F401 (lr_factor, param_groups, to_device: re-exported)
 from stages.finetune.splits import select_split  # fine-tuning's own split resolution, so both agree on the videos
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard, holdout_videos, token_shards
@@ -94,25 +90,6 @@ def mask_batch(batch: dict, generator: torch.Generator, *, strategy: str, n_bloc
     return batch
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to the peak, then linear decay to zero at `total` (Appendix C)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases, LayerNorm/BatchNorm weights and the [CLS] vectors
-    (all 1-D) are exempt, as in BERT."""
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -135,97 +112,116 @@ class StepStats:
     cl_acc: float = 0.0
     target_counts: torch.Tensor | None = None
 
+    def figures(self) -> dict:
+        """As the engine sums them (the keys of `MaskedTokenObjective.loss`)."""
+        out = {"loss": self.loss, "mask_ce": self.mask_ce_sum, "correct": self.mask_correct, "predicted": self.n_predicted,
+               "cl_loss": self.cl_loss, "cl_acc": self.cl_acc}
+        if self.target_counts is not None:
+            out["target_counts"] = self.target_counts
+        return out
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+class MaskedTokenObjective(Objective):
+    """VIMPAC's objectives (MP, CL, MP+CL) on the engine: the loss of a micro-batch and its figures.
+
+    The mask loss of every micro-batch is normalised by the predicted-token count of the whole
+    effective global batch, and the contrastive loss by k, so the update equals one batch of k
+    times the size on one process (tests/test_pretrain_train.py). `n_codes` also counts the
+    masked targets per code, for the most-frequent-token baseline of validation."""
+
+    ddp_kwargs = _NO_BUFFER_SYNC
+
+    def __init__(self, n_codes: int | None = None):
+        self.n_codes = n_codes
+
+    def step_context(self, net: torch.nn.Module, micro_batches: list[dict], device: torch.device) -> torch.Tensor:
+        world = torch.distributed.get_world_size() if isinstance(net, DistributedDataParallel) else 1
+        predicted = torch.tensor([float(sum(int(b["predict"].sum()) for b in micro_batches))], device=device)
+        return D.all_reduce_sum(predicted).clamp_min(1.0) / world
+
+    def loss(self, net: torch.nn.Module, batch: dict, mask_norm: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
+        b = batch
+        out = net(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"], mask_norm=mask_norm, cl_scale=1.0 / k)
+        figures = {"loss": float(out["loss"].detach())}
+        if "mask_ce_sum" in out:
+            figures.update(mask_ce=float(out["mask_ce_sum"]), correct=float(out["mask_correct"]),
+                           predicted=float(out["n_predicted"]))
+            if self.n_codes:
+                figures["target_counts"] = torch.bincount(b["tokens"][b["predict"]], minlength=self.n_codes)[: self.n_codes]
+        if "cl_loss" in out:
+            figures.update(cl_loss=float(out["cl_loss"]) / k, cl_acc=float(out["cl_acc"]) / k)
+        return out["loss"], figures
+
+    def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        n = max(1.0, sums["steps"])  # steps x ranks
+        out = {"loss": sums["loss"] / n, "videos": sums["videos"]}
+        if sums.get("predicted", 0.0) > 0:
+            out["mask_loss"] = sums["mask_ce"] / sums["predicted"]
+            out["mask_acc"] = sums["correct"] / sums["predicted"]
+        if sums.get("cl_loss") or sums.get("cl_acc"):
+            out["cl_loss"] = sums["cl_loss"] / n
+            out["cl_acc"] = sums["cl_acc"] / n
+        return out
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
                device: torch.device, amp: bool, grad_clip: float, n_codes: int | None = None) -> StepStats:
-    """One optimizer step over k micro-batches (gradient accumulation).
-
-    The mask loss of every micro-batch is normalised by the predicted-token count of the whole
-    effective global batch, and the contrastive loss by k, so the update equals one batch of k
-    times the size on one process (tests/test_pretrain_train.py). Under DDP the gradient
-    all-reduce happens only on the last micro-step (`no_sync`), the obvious win over the authors'
-    code (DESIGN.md).
-    """
-    k = len(micro_batches)
-    ddp = isinstance(model, DistributedDataParallel)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    batches = [to_device(b, device) for b in micro_batches]
-    predicted = torch.tensor([float(sum(int(b["predict"].sum()) for b in batches))], device=device)
-    mask_norm = D.all_reduce_sum(predicted).clamp_min(1.0) / world
-    stats = StepStats(0.0, 0.0, sum(int(b["tokens"].shape[0]) for b in batches))
-    counts = torch.zeros(n_codes, dtype=torch.long, device=device) if n_codes else None
-    model.train()
-    for i, b in enumerate(batches):
-        with nullcontext() if (not ddp or i == k - 1) else model.no_sync():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(b["inputs"], b["tokens"], b["predict"], b["video_index"], b["pad"], mask_norm=mask_norm,
-                            cl_scale=1.0 / k)
-            out["loss"].backward()
-        stats.loss += float(out["loss"].detach())
-        if "mask_ce_sum" in out:
-            stats.mask_ce_sum += float(out["mask_ce_sum"])
-            stats.mask_correct += float(out["mask_correct"])
-            stats.n_predicted += float(out["n_predicted"])
-            if counts is not None:
-                counts += torch.bincount(b["tokens"][b["predict"]], minlength=n_codes)[:n_codes]
-        if "cl_loss" in out:
-            stats.cl_loss += float(out["cl_loss"]) / k
-            stats.cl_acc += float(out["cl_acc"]) / k
-    stats.grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    stats.target_counts = counts
-    return stats
+    """One optimizer step of the pretraining objective over k micro-batches (gradient
+    accumulation; under DDP the gradient all-reduce happens only on the last micro-step, the
+    obvious win over the authors' code, DESIGN.md)."""
+    figures, grad_norm = optimizer_step(model, optimizer, micro_batches, MaskedTokenObjective(n_codes), device=device,
+                                        amp=amp, grad_clip=grad_clip)
+    return StepStats(loss=figures.get("loss", 0.0), grad_norm=grad_norm, videos=sum(int(b["tokens"].shape[0]) for b in micro_batches),
+                     mask_ce_sum=figures.get("mask_ce", 0.0), mask_correct=figures.get("correct", 0.0),
+                     n_predicted=figures.get("predicted", 0.0), cl_loss=figures.get("cl_loss", 0.0),
+                     cl_acc=figures.get("cl_acc", 0.0), target_counts=figures.get("target_counts"))
 
 
-@dataclass
-class _Window:
-    """Sums since the last log line, reduced over ranks when logged."""
+class _PretrainRunObjective(MaskedTokenObjective):
+    """The objective inside a pretraining run: target counts carried over steps and resumes,
+    throughput figures, validation every `validation.every` steps."""
 
-    steps: int = 0
-    loss: float = 0.0
-    mask_ce: float = 0.0
-    correct: float = 0.0
-    predicted: float = 0.0
-    cl_loss: float = 0.0
-    cl_acc: float = 0.0
-    grad_norm: float = 0.0
-    videos: float = 0.0
-    wait_s: float = 0.0
-    started: float = field(default_factory=time.perf_counter)
+    def __init__(self, n_codes: int, *, is_main: bool, device: torch.device, tokens_per_video: int, flops_step: float,
+                 peak: float | None, world: int, every: int, end_step: int, validate, reporter: Reporter):
+        super().__init__(n_codes)
+        self.target_counts = torch.zeros(n_codes, dtype=torch.long)
+        self.is_main, self.device, self.world = is_main, device, world
+        self.tokens_per_video, self.flops_step, self.peak = tokens_per_video, flops_step, peak
+        self.every, self.end_step, self.validate, self.reporter = every, end_step, validate, reporter
 
-    def add(self, s: StepStats, wait_s: float) -> None:
-        self.steps += 1
-        self.loss += s.loss
-        self.mask_ce += s.mask_ce_sum
-        self.correct += s.mask_correct
-        self.predicted += s.n_predicted
-        self.cl_loss += s.cl_loss
-        self.cl_acc += s.cl_acc
-        self.grad_norm += s.grad_norm
-        self.videos += s.videos
-        self.wait_s += wait_s
+    def step(self, net: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict], *,
+             device: torch.device, amp: bool, grad_clip: float) -> tuple[dict, float]:
+        # Through the module's `train_step`, the public one-step function that tools and tests wrap.
+        stats = train_step(net, optimizer, micro_batches, device=device, amp=amp, grad_clip=grad_clip, n_codes=self.n_codes)
+        return stats.figures(), stats.grad_norm
 
-    def reduce(self, device: torch.device) -> dict[str, float]:
-        fields_ = ["loss", "mask_ce", "correct", "predicted", "cl_loss", "cl_acc", "grad_norm", "videos", "wait_s"]
-        t = D.all_reduce_sum(torch.tensor([float(getattr(self, f)) for f in fields_], dtype=torch.float64, device=device))
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        sums = dict(zip(fields_, t.tolist()))
-        elapsed = max(1e-9, time.perf_counter() - self.started)
-        n = max(1, self.steps) * world
-        out = {"loss": sums["loss"] / n, "grad_norm": sums["grad_norm"] / n, "videos_per_s": sums["videos"] / elapsed,
-               "data_wait_frac": sums["wait_s"] / world / elapsed, "videos": sums["videos"]}
-        if sums["predicted"] > 0:
-            out["mask_loss"] = sums["mask_ce"] / sums["predicted"]
-            out["mask_acc"] = sums["correct"] / sums["predicted"]
-        if sums["cl_loss"] or sums["cl_acc"]:
-            out["cl_loss"] = sums["cl_loss"] / n
-            out["cl_acc"] = sums["cl_acc"] / n
+    def global_counts(self) -> torch.Tensor:
+        """Every rank's targets so far (a collective)."""
+        return D.all_reduce_sum(self.target_counts.to(self.device)).cpu()
+
+    def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        out = super().summarise(sums, base)
+        out["tokens_per_s"] = base["videos_per_s"] * self.tokens_per_video
+        if self.peak:
+            out["mfu"] = base["videos_per_s"] * self.flops_step / (self.peak * self.world)
         return out
+
+    def after_step(self, step: int, figures: dict) -> None:
+        if figures.get("target_counts") is not None:
+            self.target_counts += figures["target_counts"].cpu()
+
+    def periodic(self, step: int) -> None:
+        if self.every and step % self.every == 0 and step < self.end_step:
+            values = self.validate()
+            if self.is_main:
+                self.reporter.metrics(values, step=step)
+
+    def state(self) -> dict:
+        return {"target_counts": self.global_counts()}
+
+    def load_state(self, ckpt: dict, is_main: bool) -> None:
+        if is_main:  # the saved counts are global: rank 0 carries them on, the others restart at zero
+            self.target_counts = ckpt["target_counts"].clone()
 
 
 def _fingerprint(shards: list[TokenShard]) -> str:
@@ -399,31 +395,6 @@ def _carry_moments(optimizer: torch.optim.Optimizer, saved: dict, phase: _Phase,
                   f"kept for {len(kept)} parameter tensors, {len(params) - len(kept)} start fresh (resized)")
 
 
-@contextmanager
-def stop_at_step_boundary(enabled: bool) -> Iterator[dict]:
-    """The first Ctrl-C asks to stop after the current optimizer step (the loop then saves the
-    position and raises KeyboardInterrupt); a second one interrupts at once. Saving in the middle
-    of a step would pair updated weights with the old step and data position. Only in one process
-    and on the main thread: under DDP the save is a collective and the other ranks may be anywhere;
-    there the periodic checkpoints are the resume points."""
-    state = {"stop": False}
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield state
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame) -> None:
-        if state["stop"]:
-            raise KeyboardInterrupt
-        state["stop"] = True
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @dataclass
 class _Validation:
     """What the run is validated on: shards to read, and which of their videos."""
@@ -590,8 +561,7 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
                                 batches_per_epoch=cfg.train.eval_batches, pad_id=bcfg.pad_id, seed=cfg.train.seed + 1,
                                 rank=info.rank, world_size=world, num_workers=0, shuffle_buffer=cfg.data.shuffle_buffer,
                                 transform=transform, only=validation.only)
-        counts = D.all_reduce_sum(target_counts.to(device)).cpu()
-        values = evaluate(net if world == 1 else model, val_loader, device, amp, counts, n_codes)
+        values = evaluate(model, val_loader, device, amp, objective.global_counts(), n_codes)
         model.train()
         return values
 
@@ -607,29 +577,26 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
         total_steps, warmup = phase.total_steps, phase.warmup
         name = continued_name(phase.run_name, cfg.data.frames, size)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(cfg.train.beta1, cfg.train.beta2), fused=device.type == "cuda")
+    optimizer = adamw(model, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay,
+                      device=device)
     if phase is not None:
         _carry_moments(optimizer, saved_optimizer, phase, reporter)
     first_step = phase.step if phase else 0
     end_step = min(total_steps, first_step + run_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(first_step + i, warmup=warmup, total=total_steps))
-    step, epoch, consumed = first_step, 0, 0
-    target_counts = torch.zeros(n_codes, dtype=torch.long)
-    if last.exists():
-        ckpt = _read_checkpoint(last)
-        try:
-            model.load_state_dict(strip_prefixes(ckpt["model"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
-            if info.is_main:  # the saved counts are global: rank 0 carries them on, the others restart at zero
-                target_counts = ckpt["target_counts"].clone()
-            set_rng_states(ckpt["rng"][info.rank], device)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
-        reporter.info(f"resuming {name} ({run_key}) at step {step}/{end_step} (epoch {epoch}, batch {consumed})")
+    scheduler = schedule(optimizer, first_step=first_step, warmup=warmup, total=total_steps)
+    objective = _PretrainRunObjective(
+        n_codes, is_main=info.is_main, device=device, tokens_per_video=2 * cfg.data.frames * grid[0] * grid[1],
+        flops_step=3 * 2 * flops_per_clip(bcfg, cfg.data.frames, grid[0], grid[1]),  # per video: two clips, fwd + bwd
+        peak=peak_flops(device), world=world, every=cfg.validation.every, end_step=end_step, validate=validate,
+        reporter=reporter)
+    engine = Engine(model, optimizer, scheduler, objective, info=info, reporter=reporter, amp=amp, grad_clip=cfg.train.grad_clip,
+                    accumulate=k, last=last, what="pretrain", log_every=cfg.train.log_every,
+                    checkpoint_every=cfg.train.checkpoint_every, batches_per_epoch=batches_per_epoch,
+                    checkpoint_header={"format": FORMAT, "code_version": CODE_VERSION, "run_key": run_key,
+                                       "model_config": mcfg.to_dict(), "config": cfg.model_dump(mode="json")})
+    engine.step = first_step
+    if engine.resume():
+        reporter.info(f"resuming {name} ({run_key}) at step {engine.step}/{end_step} (epoch {engine.epoch}, batch {engine.consumed})")
     else:
         reporter.info(
             f"pretraining {name} ({run_key}): {model.backbone.num_params() / 1e6:.1f}M backbone + "
@@ -638,100 +605,21 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
             f"{cfg.train.batch_size}x{world}x{k} videos; "
             f"{n_blocks} mask blocks for {cfg.data.frames}x{grid[0]}x{grid[1]} tokens; validation on {validation.description}"
         )
-
-    net: torch.nn.Module = model
     if cfg.train.compile:
-        # Layer by layer: the backbone's "any padding in this batch?" check is data-dependent
-        # and would break the graph; each layer compiles once per case (mask or none).
-        for i, layer in enumerate(model.backbone.layers):
-            model.backbone.layers[i] = torch.compile(layer)
-    if world > 1:
-        # Global-batch BatchNorm keeps its running statistics identical on every rank already.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **_NO_BUFFER_SYNC)
+        compile_layers(model.backbone.layers)
 
-    flops_step = 3 * 2 * flops_per_clip(bcfg, cfg.data.frames, grid[0], grid[1])  # per video: two clips, fwd + bwd
-    peak = peak_flops(device)
-    tokens_per_video = 2 * cfg.data.frames * grid[0] * grid[1]
-    recent: deque[dict] = deque(maxlen=1)
-    stream_epoch, stream_pos = epoch, consumed
-
-    def micro_batches():
-        nonlocal stream_epoch, stream_pos
-        while True:
-            for batch in loader(batches_per_epoch, cfg.train.seed).epoch(stream_epoch, skip_batches=stream_pos):
-                stream_pos += 1
-                for err in batch.get("errors") or []:
-                    reporter.warning(f"pretrain data: {err}")
-                yield batch
-            stream_epoch, stream_pos = stream_epoch + 1, 0
-
-    def save_resume() -> None:
-        states = [None] * world
-        mine = rng_states(device)
-        if world > 1:
-            torch.distributed.all_gather_object(states, mine)
-        else:
-            states = [mine]
-        counts = D.all_reduce_sum(target_counts.to(device)).cpu()  # every rank's targets so far
-        if info.is_main:
-            atomic_save({
-                "format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
-                "model": strip_prefixes(model.state_dict()), "model_config": mcfg.to_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "step": step, "epoch": stream_epoch, "consumed": stream_pos, "target_counts": counts,
-                "rng": states, "config": cfg.model_dump(mode="json"), "world_size": world,
-            }, last)
-        D.barrier()
+    def epochs(epoch: int, skip: int):
+        return loader(batches_per_epoch, cfg.train.seed).epoch(epoch, skip_batches=skip)
 
     stop_at = end_step if max_steps is None else min(end_step, first_step + max_steps)
-    window = _Window()
-    reporter.start_progress(end_step - first_step, f"pretrain {name}")
-    if step > first_step:
-        reporter.advance(step - first_step)
-    with flush_denormals(device), stop_at_step_boundary(world == 1) as interrupt:
-        batches = micro_batches()
-        while step < stop_at:
-            t_wait = time.perf_counter()
-            micro = [next(batches) for _ in range(k)]
-            wait = time.perf_counter() - t_wait
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_step(net, optimizer, micro, device=device, amp=amp, grad_clip=cfg.train.grad_clip, n_codes=n_codes)
-            scheduler.step()
-            step += 1
-            if stats.target_counts is not None:
-                target_counts += stats.target_counts.cpu()
-            window.add(stats, wait)
-            if step % cfg.train.log_every == 0 or step == stop_at:
-                values = window.reduce(device)
-                values["tokens_per_s"] = values["videos_per_s"] * tokens_per_video
-                values["lr"] = lr
-                values["epoch"] = stream_epoch + stream_pos / batches_per_epoch
-                if peak:
-                    values["mfu"] = values["videos_per_s"] * flops_step / (peak * world)
-                if info.is_main:
-                    reporter.metrics(values, step=step)
-                recent.append(values)
-                window = _Window()
-            if cfg.validation.every and step % cfg.validation.every == 0 and step < end_step:
-                values = validate()
-                if info.is_main:
-                    reporter.metrics(values, step=step)
-            if step % cfg.train.checkpoint_every == 0 and step < end_step:
-                save_resume()
-            reporter.advance()
-            if interrupt["stop"]:
-                save_resume()
-                reporter.info(f"interrupted at step {step}: position saved; run the same command again to continue")
-                raise KeyboardInterrupt
-        batches.close()
+    step = engine.run(first_step=first_step, end_step=end_step, stop_at=stop_at, epochs=epochs, label=f"pretrain {name}")
     if step < end_step:
-        save_resume()
         reporter.info(f"pretrain {name} stopped at step {step}/{end_step}; run again to continue")
-        return PretrainResult(last, run_key, name, step, dict(recent[-1]) if recent else {}, False, tokenizer,
+        return PretrainResult(last, run_key, name, step, dict(engine.last_values), False, tokenizer,
                               list(datasets), fingerprint, mcfg.to_dict())
 
     evaluation = validate()
-    metrics = {**(recent[-1] if recent else {}), **evaluation}
+    metrics = {**engine.last_values, **evaluation}
     reporter.metrics({k_: v for k_, v in evaluation.items()}, step=step)
     if "eval_mask_acc" in evaluation:
         reporter.info(f"pretrain {name}: validation mask accuracy {evaluation['eval_mask_acc']:.3f} on "
