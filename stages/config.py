@@ -451,7 +451,9 @@ class GridDataset(StrictModel):
     name: str = Field(..., description="Dataset name in the catalog (ingested, framed and tokenized).")
     splits: list[str] = Field(
         default_factory=lambda: ["auto"], description="Split sets (1, 2, 3 for UCF101/HMDB51), `train:val`-style pairs, "
-        "or auto: split set 1 if the dataset has split sets, else train vs val (or test).",
+        "auto (split set 1 if the dataset has split sets, else train vs val or test), or few-shot splits as HVM-1 "
+        "evaluates: `10shot` / `10shot@SPLIT` trains on 10 videos per class of SPLIT (default auto), drawn by the seed, "
+        "and evaluates on SPLIT's whole evaluation side.",
     )
     preset: str | None = Field(None, description="Fine-tuning preset for this dataset (e.g. ucf101; Table 4).")
 

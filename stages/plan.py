@@ -850,7 +850,8 @@ class _Planner:
         if kind == "bag_of_codes":
             try:
                 tokenizer = cell_tokenizer(self.root, dataset, cfg, None, False, "bag-of-codes")
-                selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+                selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant,
+                                         seed=cfg.train.seed)
             except (ConfigError, FileNotFoundError) as e:
                 if (t := self.tokens.get(dataset)) is not None and t.changed:
                     row.run += 1
@@ -906,7 +907,8 @@ class _Planner:
             return
         try:
             tokenizer = cell_tokenizer(self.root, dataset, cfg, model_tok, pretrained, model.ref)
-            selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+            selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant,
+                                     seed=cfg.train.seed)
             run_key, eval_id = cell_keys(cfg, identity, dataset, selection, tokenizer, self.world_size,
                                          protocol(cfg, selection.flip_sensitive))
         except (ConfigError, FileNotFoundError) as e:

@@ -3,6 +3,8 @@ random views, checkpoint compatibility, caching, resume, re-fusion and lineage."
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,32 @@ def test_split_sets_and_named_splits_select_the_right_videos(root):
     assert sel.split == "train:val" and {v.video_id for v in sel.eval} and len(sel.train) == 12
     with pytest.raises(ConfigError, match="no videos in split"):
         select_split(root, "named", "train:test", TOKENIZER)
+
+
+@pytest.mark.parametrize("k, base", [(1, ""), (3, "@2"), (2, "@train:val")])
+def test_few_shot_splits_hold_k_per_class_from_the_base_split_and_are_stable_per_seed(root, k, base):
+    """HVM-1's protocol: k training videos per class, the base split's whole evaluation side."""
+    named = base == "@train:val"
+    labeled_dataset(root, "ucf", per_class=12, split_names=named)
+    full = select_split(root, "ucf", base[1:] or "auto", TOKENIZER)
+    draws = {seed: select_split(root, "ucf", f"{k}shot{base}", TOKENIZER, seed=seed) for seed in (0, 1, 2)}
+    for seed, sel in draws.items():
+        assert sorted(Counter(sel.train.values()).values()) == [k, k, k]
+        assert set(sel.train.items()) <= set(full.train.items())
+        assert [v.key for v in sel.eval] == [v.key for v in full.eval]  # evaluated on the whole evaluation side
+        assert sel.split == f"{k}shot@{full.split}" and sel.base == full.split
+        assert f"{k} per class (seed {seed})" in sel.train_split
+        assert {s.path for s in sel.train_shards} <= {s.path for s in full.train_shards}
+        assert select_split(root, "ucf", f"{k}shot{base}", TOKENIZER, seed=seed).train == sel.train  # stable per seed
+    assert len({tuple(sorted(sel.train)) for sel in draws.values()}) > 1  # another seed, another draw
+
+
+def test_a_few_shot_split_larger_than_a_class_keeps_all_and_says_so(root):
+    labeled_dataset(root, "ucf", per_class=6)  # 4 training videos per class in split set 1
+    sel = select_split(root, "ucf", "10shot@1", TOKENIZER)
+    assert len(sel.train) == 12 and "3 classes have fewer than 10 training videos" in " ".join(sel.warnings)
+    with pytest.raises(ConfigError, match="at least 1"):
+        select_split(root, "ucf", "0shot", TOKENIZER)
 
 
 def test_a_class_without_training_videos_is_a_clear_error(root):

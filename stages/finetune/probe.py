@@ -130,8 +130,8 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
     seed = cfg.train.seed
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = cell_tokenizer(root, dataset, cfg, pretrained.tokenizer if pretrained else None, pretrained is not None, source.ref)
-    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
-    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.split)):
+    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
+    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.base)):
         selection.warnings.append(leak)
         reporter.warning(leak)
     ccfg = _model_config(cfg, selection, pretrained, source.ref)
@@ -197,7 +197,7 @@ def bag_of_codes_cell(root: DataRoot, dataset: str, split: str, cfg: FinetuneCon
     reporter = reporter or Reporter()
     seed = cfg.train.seed
     tokenizer = tokenizer or cell_tokenizer(root, dataset, cfg, None, False, BAG_RECIPE)
-    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
+    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
     codebook = selection.shards[0].codebook_size
     eval_id = bag_eval_id(dataset, selection, tokenizer, seed)
     result = CellResult(eval_id, "", dataset, selection.split, BAG_RECIPE, None, None, tokenizer, BAG_OF_CODES, {}, False,

@@ -5,6 +5,12 @@ have three official train/test splits, App. C; the catalog stores them in `video
 `train:val` pair of split names (SSv2, Diving48, Kinetics, manifests), or `auto` (split set 1
 when the dataset has split sets, else train vs val, else train vs test).
 
+A few-shot split, `10shot` or `10shot@SPLIT` (HVM-1's protocol on SSv2 and Kinetics-700), trains
+on k videos per class drawn from SPLIT's training side (default `auto`) and evaluates on SPLIT's
+whole evaluation side. The draw is fixed by the cell's seed (`train.seed`, a grid's `seeds:`):
+each class's videos ordered by sha256(seed, video id), the first k taken, so the same seed gives
+the same videos on every machine and a new seed a new draw.
+
 Class indices are positions in the dataset's class list (`datasets.classes`: classInd.txt
 order for UCF101, labels.json ids for SSv2, ...), so a model's output k means the same class
 in every split and every run.
@@ -12,6 +18,8 @@ in every split and every run.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 
 from stages.config import ConfigError
@@ -20,6 +28,31 @@ from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
 _LISTED = 10
+_FEW_SHOT = re.compile(r"^(\d+)shot(?:@(.+))?$")
+
+
+def parse_few_shot(split: str) -> tuple[int | None, str]:
+    """"10shot" -> (10, "auto"); "5shot@train:val" -> (5, "train:val"); "1" -> (None, "1")."""
+    m = _FEW_SHOT.match(split.strip())
+    if not m:
+        return None, split
+    k = int(m.group(1))
+    if k < 1:
+        raise ConfigError(f"few-shot split {split!r}: the number of videos per class must be at least 1")
+    return k, m.group(2) or "auto"
+
+
+def few_shot(train: dict[str, int], video_ids: dict[str, str], k: int, seed: int) -> dict[str, int]:
+    """k training samples per class, fixed by `seed`: each class's videos ordered by
+    sha256(seed, video id), the first k kept (all of a class with fewer)."""
+    by_class: dict[int, list[str]] = {}
+    for key in train:
+        by_class.setdefault(train[key], []).append(key)
+    chosen: dict[str, int] = {}
+    for label, keys in by_class.items():
+        keys.sort(key=lambda key: hashlib.sha256(f"{seed}:{video_ids[key]}".encode()).hexdigest())
+        chosen.update((key, label) for key in keys[:k])
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -45,6 +78,7 @@ class SplitSelection:
     train_shards: list[TokenShard]
     eval_shards: list[TokenShard]
     warnings: list[str] = field(default_factory=list)
+    base: str = ""  # the split whose evaluation videos these are ("1" for "10shot@1"); = split otherwise
 
     @property
     def shards(self) -> list[TokenShard]:
@@ -89,8 +123,10 @@ def _resolve_split(dataset: str, split: str, rows: list[tuple]) -> tuple[str, st
 
 
 def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, size: int | None = None,
-                 variant: str | None = None) -> SplitSelection:
-    """The training and evaluation videos of `split` that have committed tokens of `tokenizer`."""
+                 variant: str | None = None, seed: int = 0) -> SplitSelection:
+    """The training and evaluation videos of `split` that have committed tokens of `tokenizer`
+    (`seed` draws a few-shot split's training videos)."""
+    shots, split = parse_few_shot(split)
     catalog = Catalog(root)
     info = catalog.rows("SELECT classes, flip_sensitive FROM datasets WHERE dataset = ?", [dataset])
     if not info:
@@ -126,6 +162,7 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
     warnings: list[str] = []
     unlabeled, unknown = [], []
     train: dict[str, int] = {}
+    video_ids: dict[str, str] = {}
     evaluation: list[EvalVideo] = []
     for key, vid, shard, split_name, split_sets, label, status in rows:
         which = side(split_name, split_sets)
@@ -139,6 +176,7 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
             continue
         if which == train_name:
             train[key] = index[label]
+            video_ids[key] = vid
         else:
             evaluation.append(EvalVideo(key, vid, label, index[label], shard))
     if unlabeled:
@@ -155,6 +193,18 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
     if untrained:
         raise ConfigError(f"dataset {dataset}, {where}: {len(untrained)} classes have evaluation videos but no training "
                           f"videos, so no model can learn them: {_names(untrained)}")
+    base, train_side = resolved, f"{train_name}{f' of split set {resolved}' if set_index is not None else ''}"
+    if shots is not None:
+        counts = {i: 0 for i in trained}
+        for label in train.values():
+            counts[label] += 1
+        short = [f"{classes[i]} ({n})" for i, n in sorted(counts.items()) if n < shots]
+        if short:
+            warnings.append(f"{dataset}, {where}: {len(short)} classes have fewer than {shots} training videos and keep "
+                            f"all they have: {_names(short)}")
+        train = few_shot(train, video_ids, shots, seed)
+        resolved = f"{shots}shot@{resolved}"
+        train_side = f"{shots} per class (seed {seed}) of {train_side}"
     absent = [c for i, c in enumerate(classes) if i not in trained]
     if absent:
         warnings.append(f"{dataset}, {where}: {len(absent)} classes of the class list have no training videos: {_names(absent)}")
@@ -169,8 +219,8 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
                         "tokenize) and are not evaluated")
     train_paths = {r[2] for r in rows if r[0] in train}
     eval_paths = {v.shard for v in evaluation}
-    suffix = f" of split set {resolved}" if set_index is not None else ""
+    suffix = f" of split set {base}" if set_index is not None else ""
     return SplitSelection(
-        dataset, resolved, f"{train_name}{suffix}", f"{eval_name}{suffix}", classes, flip_sensitive, tokenizer, train, evaluation,
-        [s for s in shards if s.path in train_paths], [s for s in shards if s.path in eval_paths], warnings,
+        dataset, resolved, train_side, f"{eval_name}{suffix}", classes, flip_sensitive, tokenizer, train, evaluation,
+        [s for s in shards if s.path in train_paths], [s for s in shards if s.path in eval_paths], warnings, base,
     )

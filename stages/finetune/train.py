@@ -292,8 +292,8 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
           reporter: Reporter, force: bool, run_id: str | None, max_steps: int | None, info: D.DistInfo) -> CellResult:
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = _tokenizer(root, dataset, cfg, pretrained, source.ref)
-    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant)
-    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.split)):
+    selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
+    if pretrained is not None and (leak := pretrained.transductive_warning(dataset, selection.base)):
         selection.warnings.append(leak)
     for warning in selection.warnings:
         reporter.warning(warning)

@@ -441,7 +441,7 @@ def split_eval_videos(root: DataRoot, shards: list[TokenShard], split: str) -> d
         rows = catalog.rows(
             "SELECT DISTINCT key FROM token_samples WHERE dataset = ? AND status = 'ok' "
             "AND list_contains(?, video_id) AND list_contains(?, shard)", [dataset, ids, paths])
-        out[dataset] = selection.split, frozenset(f"{dataset}/{k}" for (k,) in rows)
+        out[dataset] = selection.base, frozenset(f"{dataset}/{k}" for (k,) in rows)
     if not out:
         raise ConfigError(f"data.exclude_split={split!r}: none of the pretraining datasets "
                           f"({', '.join(sorted({s.dataset for s in shards}))}) is labeled, so no evaluation videos can be "
