@@ -156,6 +156,10 @@ class Objective:
     def step_context(self, net: torch.nn.Module, micro_batches: list[dict], device: torch.device) -> Any:
         return None
 
+    def count(self, batch: dict) -> int:
+        """Samples in a batch (the window's `videos`, logged as videos_per_s)."""
+        return int(batch["tokens"].shape[0])
+
     def loss(self, net: torch.nn.Module, batch: dict, context: Any, k: int) -> tuple[torch.Tensor, Figures]:
         raise NotImplementedError
 
@@ -212,11 +216,14 @@ class Engine:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, objective: Objective, *,
                  info: D.DistInfo, reporter: Reporter, amp: bool, grad_clip: float, accumulate: int,
                  last: Path, checkpoint_header: dict, what: str, log_every: int, checkpoint_every: int,
-                 batches_per_epoch: int):
+                 batches_per_epoch: int, log_first: bool = False):
+        """`batches_per_epoch` 0: unknown (the logged epoch is then whole epochs only); `log_first`:
+        also log step 1, the model before it learned anything."""
         self.model, self.optimizer, self.scheduler, self.objective = model, optimizer, scheduler, objective
         self.info, self.reporter, self.amp, self.grad_clip, self.k = info, reporter, amp, grad_clip, accumulate
         self.last, self.header, self.what = last, checkpoint_header, what
         self.log_every, self.checkpoint_every, self.batches_per_epoch = log_every, checkpoint_every, batches_per_epoch
+        self.log_first = log_first
         self.device, self.world = info.device, info.world_size
         self.net: torch.nn.Module | None = None  # the model, wrapped in DDP over several ranks: made by `run`
         self.step, self.epoch, self.consumed = 0, 0, 0
@@ -234,7 +241,8 @@ class Engine:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.step, self.epoch, self.consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
             self.objective.load_state(ckpt, self.info.is_main)
-            set_rng_states(ckpt["rng"][self.info.rank], self.device)
+            states = ckpt["rng"]
+            set_rng_states(states if isinstance(states, dict) else states[self.info.rank], self.device)  # dict: one process, older files
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             raise ValueError(f"cannot resume from {self.last}: {type(e).__name__}: {e}; delete it to start over") from e
         return True
@@ -262,7 +270,7 @@ class Engine:
         elapsed = max(1e-9, elapsed)
         values = {"grad_norm": sums["grad_norm"] / max(1.0, sums["steps"]), "videos_per_s": sums["videos"] / elapsed,
                   "data_wait_frac": sums["wait_s"] / self.world / elapsed,
-                  "epoch": stream.epoch + stream.pos / self.batches_per_epoch}
+                  "epoch": stream.epoch + (stream.pos / self.batches_per_epoch if self.batches_per_epoch else 0)}
         values.update(self.objective.summarise(sums, dict(values)))
         return values
 
@@ -294,11 +302,11 @@ class Engine:
                                                     grad_clip=self.grad_clip)
                 self.scheduler.step()
                 self.step += 1
-                figures["videos"] = float(sum(int(b["tokens"].shape[0]) for b in micro))
+                figures["videos"] = float(sum(objective.count(b) for b in micro))
                 objective.after_step(self.step, figures)
                 _add(window, {k: v for k, v in figures.items() if not isinstance(v, torch.Tensor)})
                 _add(window, {"steps": 1.0, "grad_norm": grad_norm, "wait_s": wait})
-                if self.step % self.log_every == 0 or self.step == stop_at:
+                if self.step % self.log_every == 0 or self.step == stop_at or (self.log_first and self.step == 1):
                     _add(window, objective.at_log(micro))
                     values = {**self._summarise(window, time.perf_counter() - started, stream), "lr": lr}
                     if self.info.is_main:

@@ -3,6 +3,8 @@
 Frames stream shard by shard (shard order reshuffled every epoch), pass through a seeded
 shuffle buffer and form batches; every epoch's stream depends only on (seed, epoch), so a
 resumed run rebuilds the same stream and skips the batches its checkpoint already consumed.
+Training runs on the shared engine (stages/engine.py) as `ReconstructionObjective`; logged
+figures are averages over each log window (step 1 is logged on its own).
 
 Files live under `<home>/checkpoints/tokenizer/<run_key>/`: `last.pt` (resume point: model,
 optimizer, scheduler, RNG states, data position), `final.pt` (the trained tokenizer: model state,
@@ -38,10 +40,12 @@ import torch
 from PIL import Image
 
 from models.vqvae import PRESETS, VQVAE
-from stages.checkpoints import KeyedRun, atomic_save, flush_denormals, read_checkpoint, resolve_device, rng_states, set_rng_states, strip_prefixes
+from stages.checkpoints import KeyedRun, atomic_save, read_checkpoint, resolve_device, strip_prefixes
+from stages.engine import Engine, Objective
 from stages.config import TokenizerConfig, config_hash
 from stages.frames.read import FrameShard, frame_shards, read_shard
 from stages import threads
+from stages.pretrain.distributed import DistInfo
 from stages.reporting import Reporter
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -219,6 +223,27 @@ def _lr_lambda(warmup: int, total: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+class ReconstructionObjective(Objective):
+    """The VQ-VAE's training on the engine: reconstruction + commitment loss of a batch of
+    frames; logged figures are averages over the log window."""
+
+    def count(self, batch: dict) -> int:
+        return int(batch["frames"].shape[0])
+
+    def loss(self, net: torch.nn.Module, batch: dict, context, k: int) -> tuple[torch.Tensor, dict]:
+        frames = batch["frames"].permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S) in [0, 1]
+        out = net(frames)
+        return out.loss / k, {"loss": float(out.loss.detach()), "recon_loss": float(out.recon_loss.detach()),
+                              "commit_loss": float(out.commit_loss.detach()), "usage": float(out.usage),
+                              "perplexity": float(out.perplexity)}
+
+    def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        n = max(1.0, sums["steps"])
+        values = {key: sums[key] / n for key in ("loss", "recon_loss", "commit_loss", "usage", "perplexity")}
+        values["psnr"] = _psnr(values["recon_loss"])
+        return values
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -493,71 +518,34 @@ def _train(root: DataRoot, datasets: list[str], cfg: TokenizerConfig, reporter: 
     model = VQVAE(model_config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
-    step, epoch, consumed = 0, 0, 0  # consumed: batches of `epoch` already trained on
-
-    if last.exists():
-        ckpt = _read_checkpoint(last)
-        try:
-            model.load_state_dict(strip_prefixes(ckpt["model"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            step, epoch, consumed = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["consumed"])
-            set_rng_states(ckpt["rng"], device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot resume from {last}: {type(e).__name__}: {e}; delete it to start over") from e
-        reporter.info(f"resuming at step {step} from {last}")
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, owns_group=False)
+    engine = Engine(model, optimizer, scheduler, ReconstructionObjective(), info=info, reporter=reporter, amp=amp, grad_clip=1.0,
+                    accumulate=1, last=last, what="tokenizer", log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                    batches_per_epoch=0, log_first=True,
+                    checkpoint_header={"format": FORMAT, "code_version": CODE_VERSION, "run_key": run_key,
+                                       "model_config": model.config_dict(), "config": cfg.model_dump(mode="json")})
+    if engine.resume():
+        reporter.info(f"resuming at step {engine.step} from {last}")
     else:
         reporter.info(f"training tokenizer {run_key} ({cfg.preset}, {len(shards)} shards, {size} px) on {device}")
 
-    with flush_denormals(device):
-        reporter.start_progress(cfg.steps, "tokenizer steps")
-        if step:
-            reporter.advance(step)
-        model.train()
-        started, start_step = time.perf_counter(), step
-        while step < cfg.steps:
-            batches = _epoch_batches(root, shards, cfg.view, cfg.batch_size, cfg.shuffle_buffer,
-                                     np.random.default_rng([cfg.seed, 0, epoch]), skip)
-            seen = 0
-            for batch in batches:
-                seen += 1
-                if seen <= consumed:  # trained on before the resume point
-                    continue
-                frames = _to_tensor(batch, device)  # (B, 3, S, S)
-                lr = optimizer.param_groups[0]["lr"]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(frames)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                step, consumed = step + 1, seen
+    def epochs(epoch: int, resume_at: int) -> Iterator[dict]:
+        """One shuffled pass over every frame (held-out videos skipped) from batch `resume_at` on;
+        the pass's order depends on (seed, epoch) only, so a resumed epoch replays it."""
+        seen = 0
+        for batch in _epoch_batches(root, shards, cfg.view, cfg.batch_size, cfg.shuffle_buffer,
+                                    np.random.default_rng([cfg.seed, 0, epoch]), skip):
+            seen += 1
+            if seen > resume_at:  # batches before the resume point were trained on
+                yield {"frames": torch.from_numpy(batch)}  # (B, S, S, 3) uint8
+        if seen == 0:
+            raise ValueError(f"no usable frames (view {cfg.view!r}) in the frame shards of {', '.join(datasets)}")
 
-                if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    atomic_save({
-                        "format": FORMAT, "kind": "resume", "code_version": CODE_VERSION, "run_key": run_key,
-                        "model": strip_prefixes(model.state_dict()), "model_config": model.config_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": step, "epoch": epoch, "consumed": consumed,
-                        "rng": rng_states(device), "config": cfg.model_dump(mode="json"),
-                    }, last)
-                if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
-                    recon = float(out.recon_loss.detach())
-                    reporter.metrics({
-                        "loss": float(out.loss.detach()), "recon_loss": recon, "commit_loss": float(out.commit_loss.detach()),
-                        "psnr": _psnr(recon), "usage": float(out.usage), "perplexity": float(out.perplexity), "lr": lr,
-                    }, step=step)
-                reporter.advance()
-                if step >= cfg.steps:
-                    break
-            else:
-                if seen == 0:
-                    raise ValueError(f"no usable frames (view {cfg.view!r}) in the frame shards of {', '.join(datasets)}")
-                epoch, consumed = epoch + 1, 0
-        elapsed = time.perf_counter() - started
-        if step > start_step:
-            reporter.info(f"trained steps {start_step + 1}-{step} in {elapsed:.1f} s ({elapsed / (step - start_step):.3f} s/step)")
+    started, start_step = time.perf_counter(), engine.step
+    step = engine.run(first_step=0, end_step=cfg.steps, stop_at=cfg.steps, epochs=epochs, label="tokenizer steps")
+    elapsed = time.perf_counter() - started
+    if step > start_step:
+        reporter.info(f"trained steps {start_step + 1}-{step} in {elapsed:.1f} s ({elapsed / (step - start_step):.3f} s/step)")
 
     model.eval()
     evaluation = _evaluate_datasets(root, run_dir, names, datasets, shards, held, cfg, size, lambda: model, device, amp,
