@@ -271,6 +271,72 @@ class PretrainConfig(StrictModel):
     register_as: str = operational("vimpac-backbone", description="MLflow registered model name for the final backbone.")
 
 
+class PixelModel(StrictModel):
+    """The ST-MAE (models/st_mae.py): a ViT over pixel tubelets with a light decoder (HVM-1, mae_st, VideoMAE)."""
+
+    preset: Literal["micro", "tiny", "base", "large", "huge"] = Field(
+        "base", description="Encoder preset: base B/16, large L/16, huge H/14 (HVM-1, 632M); tiny and micro for CPU.")
+    masking: Literal["random", "tube"] = Field("random", description="random: any tubelets (mae_st); tube: the same spatial "
+                                               "positions at every time step (VideoMAE).")
+    mask_ratio: float = Field(0.9, ge=0, lt=1, description="Masked share of the tubelets (HVM-1: 0.9 at 224 px, 0.95 at 448).")
+    pos_embed: Literal["learned", "sinusoid"] = Field(
+        "learned", description="learned: separate spatial + temporal + [CLS] tables (mae_st, HVM-1); sinusoid: fixed (VideoMAE).")
+    norm_pix_loss: bool = Field(False, description="Normalise each target tubelet by its mean and variance (MAE; HVM-1 runs it off).")
+
+
+class PixelData(StrictModel):
+    """Pixel clips from the frame shards (no new format): T frames of a stored view, random resized crop."""
+
+    frames: int = Field(16, ge=1, description="Frames per clip (HVM-1: 16); a multiple of the tubelet length.")
+    frame_step: int = Field(1, ge=1, description="Take every k-th stored frame (frame shards hold 2 or 4 FPS).")
+    size: int | None = Field(None, ge=8, description="Frame size S of the frame shards (default: the only one there is).")
+    view: str = Field("s100_c", description="Stored view the clips are cut from.")
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="Random resized crop: area range kept (HVM-1: 0.5-1).")
+    repeat: int = Field(4, ge=1, description="Clips drawn per video read (repeat augmentation: mae_st 4, HVM-1 16).")
+    shuffle_buffer: int = Field(64, ge=1, description="Videos held for shuffling.")
+    holdout_videos: int = Field(4, ge=0, description="Videos per dataset kept out of training to validate on (hash order; at "
+                                "most a quarter of a dataset).")
+
+    @model_validator(mode="after")
+    def _scale(self) -> "PixelData":
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        return self
+
+
+class PixelTrain(StrictModel):
+    """Optimisation: AdamW with a warm-up + half-cycle cosine (mae_st) or a constant rate (HVM-1)."""
+
+    epochs: float = Field(10, gt=0, description="Passes over the training videos.")
+    batch_size: int = Field(8, ge=1, description="Videos per micro-batch per rank (clips: x data.repeat).")
+    accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float | None = Field(None, gt=0, description="Learning rate; default blr x clips per step / 256 (mae_st's rule).")
+    blr: float = Field(1.6e-3, gt=0, description="Base learning rate for the default lr (mae_st: 1.6e-3).")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: linear warm-up then half-cycle cosine "
+                                                    "(mae_st); constant (HVM-1).")
+    warmup_epochs: float = Field(5, ge=0, description="Warm-up epochs of the cosine schedule (mae_st: 5).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on biases, norms, positions).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (MAE: 0.95).")
+    grad_clip: float = Field(0.02, gt=0, description="Gradient-norm clipping (mae_st: 0.02; HVM-1: 0.1).")
+    seed: int = Field(0, ge=0, description="Seed for initialisation, clip sampling, crops and masks.")
+    amp: bool = Field(True, description="bf16 autocast on CUDA (CPU trains in fp32).")
+    device: str = operational("auto", description="auto, cpu, cuda or cuda:N (under torchrun: the local rank's GPU).")
+    log_every: int = operational(10, ge=1, description="Optimizer steps between logged metrics.")
+    checkpoint_every: int = operational(200, ge=1, description="Optimizer steps between resume checkpoints.")
+
+
+class PixelPretrainConfig(StrictModel):
+    """ST-MAE pretraining on pixels (HVM-1's method, seed 000) over the frame shards."""
+
+    model: PixelModel = Field(default_factory=PixelModel)
+    data: PixelData = Field(default_factory=PixelData)
+    train: PixelTrain = Field(default_factory=PixelTrain)
+    datasets: list[str] | None = Field(None, description="Datasets whose frame shards it trains on.")
+    register_as: str = operational("vimpac-backbone-pixels", description="MLflow registered model name.")
+
+
 class FinetuneModel(StrictModel):
     """The classifier on top of the backbone (App. A.2: a zero-initialised linear layer on [CLS])."""
 
@@ -656,6 +722,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "micro": {"model": {"preset": "micro", "cl_hidden": 32, "cl_dim": 16, "dropout": 0.0},
                   "train": {"batch_size": 4, "lr": 1e-3, "warmup": 1, "epochs": 1, "log_every": 1, "checkpoint_every": 1},
                   "data": {"workers": 0}},
+    },
+    # ST-MAE on pixels (stages/pretrain/pixels.py).
+    "pretrain-pixels": {
+        "default": {},
+        # mae_st's pretraining recipe (PRETRAIN.md, main_pretrain.py): AdamW (0.9, 0.95), weight decay
+        # 0.05, blr 1.6e-3 x batch / 256, 5 warm-up epochs then half-cycle cosine, clipping 0.02,
+        # repeat augmentation 4, mask ratio 0.9.
+        "mae_st": {"model": {"preset": "large"},
+                   "train": {"blr": 1.6e-3, "schedule": "cosine", "warmup_epochs": 5, "grad_clip": 0.02},
+                   "data": {"repeat": 4}},
+        # HVM-1's recipe (seed 000; eminorhan/hvm-1): ViT-H/14, constant lr 1e-4 without warm-up,
+        # clipping 0.1, repeat augmentation 16, 16 frames, mask ratio 0.9 at 224 px (the default random
+        # resized crop, area 0.5-1, is HVM-1's).
+        "hvm1": {"model": {"preset": "huge", "mask_ratio": 0.9},
+                 "train": {"lr": 1e-4, "schedule": "constant", "warmup_epochs": 0, "grad_clip": 0.1},
+                 "data": {"frames": 16, "repeat": 16}},
+        # CPU: the demo's 64 px frames, 8-frame clips of (2, 8, 8) tubelets.
+        "tiny": {"model": {"preset": "tiny"},
+                 "train": {"batch_size": 4, "lr": 1e-3, "warmup_epochs": 1, "epochs": 20, "grad_clip": 1.0,
+                           "log_every": 5, "checkpoint_every": 50},
+                 "data": {"frames": 8, "repeat": 2}},
+        "micro": {"model": {"preset": "micro", "mask_ratio": 0.75},
+                  "train": {"batch_size": 2, "lr": 2e-3, "warmup_epochs": 0, "epochs": 1, "grad_clip": 1.0,
+                            "log_every": 1, "checkpoint_every": 1},
+                  "data": {"frames": 4, "repeat": 2, "holdout_videos": 0}},
     },
     # Table 4's downstream columns (T and S come from the pretrained model and the token shards).
     "finetune": {

@@ -15,6 +15,7 @@ from stages.config import (
     DatasetConfig,
     IngestConfig,
     PipelineConfig,
+    PixelPretrainConfig,
     TrackingConfig,
     apply_overrides,
     build,
@@ -147,8 +148,8 @@ def test_unknown_key_in_base_data_is_rejected():
 
 @pytest.mark.parametrize("stage, name", [(s, n) for s, names in PRESETS.items() for n in names])
 def test_every_preset_builds(stage, name):
-    # Fine-tuning presets configure grid cells, not a pipeline field.
-    model = FinetuneConfig if stage == "finetune" else PipelineConfig.model_fields[stage].annotation
+    # Fine-tuning presets configure grid cells and pretrain-pixels its own stage, not pipeline fields.
+    model = {"finetune": FinetuneConfig, "pretrain-pixels": PixelPretrainConfig}.get(stage) or PipelineConfig.model_fields[stage].annotation
     cfg = build(model, preset(stage, name)).model_dump()
 
     def check(expected: dict, actual: dict) -> None:
