@@ -22,6 +22,7 @@ from stages.config import (
     DatasetConfig,
     GridConfig,
     PipelineConfig,
+    PixelPretrainConfig,
     build,
     deep_merge,
     load_pipeline_file,
@@ -248,16 +249,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.stage not in stages:
                 raise ConfigError(f"--{flag} applies to `vimpac run {'|'.join(stages)}`")
             stage_overrides.append(f"{flag}={value}")
-    cfg_model = PipelineConfig.model_fields[args.stage].annotation
+    cfg_model = PixelPretrainConfig if args.stage == "pretrain-pixels" else PipelineConfig.model_fields[args.stage].annotation
     stage_cfg = build(cfg_model, stage_data, stage_overrides)
-    if args.stage == "pretrain" and int(os.environ.get("RANK", "0")) > 0:
+    if args.stage in ("pretrain", "pretrain-pixels") and int(os.environ.get("RANK", "0")) > 0:
         return _pretrain_worker_rank(args, stage_cfg)
     dataset = _dataset_from_args(args, file_data)
     root, flows = _flows(args.home)
     stage_flow = {
         "ingest": flows.ingest.ingest, "frames": flows.frames.frames,
         "tokenizer": flows.tokenizer.tokenizer, "tokenize": flows.tokenizer.tokenize,
-        "pretrain": flows.pretrain.pretrain,
+        "pretrain": flows.pretrain.pretrain, "pretrain-pixels": flows.pretrain.pretrain_pixels,
     }[args.stage]
     # --dask, else a pipeline file's top-level `dask:` (flows/dask_runner.py).
     dask = getattr(args, "dask", None) or (file_data.get("dask") if args.stage in ("ingest", "frames", "tokenize") else None)
@@ -350,6 +351,11 @@ def _pretrain_worker_rank(args: argparse.Namespace, cfg) -> int:
 
     root = DataRoot(args.home)
     datasets = cfg.datasets or [args.dataset]
+    if args.stage == "pretrain-pixels":
+        from stages.pretrain.pixels import pretrain_pixels
+
+        pretrain_pixels(root, datasets, cfg, force=args.force)
+        return 0
     cfg = cfg.model_copy(update={"tokenizer": resolve_tokenizer_identity(root, datasets, cfg.tokenizer)})
     pretrain(root, datasets, cfg, force=args.force)
     return 0
@@ -618,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("run", parents=[common], help="run one stage, or the whole pipeline, as a Prefect flow")
-    p.add_argument("stage", choices=[*STAGES, "finetune", "pipeline"])
+    p.add_argument("stage", choices=[*STAGES, "pretrain-pixels", "finetune", "pipeline"])
     p.add_argument("--dataset", help="dataset name (stage runs)")
     p.add_argument("--source", help="directory, manifest (.csv/.jsonl/.parquet), list (.txt), video file or URL")
     p.add_argument("--layout", choices=list(LAYOUTS))

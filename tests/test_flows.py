@@ -248,3 +248,15 @@ def test_tokenizer_registry_round_trip_and_tokenize_by_uri(prefect_harness, tmp_
     implicit = tokenize(ds, TokenizeConfig(), home)
     assert implicit["tokenizer"] == "models:/test-tokenizer/1"
     assert np.isfinite(first["psnr"])
+
+    # The same frame shards pretrain an ST-MAE on pixels (issue 17): registered with its family.
+    from flows.pretrain import pretrain_pixels
+    from stages.config import PixelPretrainConfig, build, preset
+
+    pixels = build(PixelPretrainConfig, preset("pretrain-pixels", "micro"), ["register_as=test-pixels", "train.device=cpu"])
+    trained = pretrain_pixels(ds, pixels, home)
+    assert trained["model_uri"] == "models:/test-pixels/1" and trained["run_name"] == "micro-4x32-st_mae-r0.75"
+    assert pretrain_pixels(ds, pixels, home)["cached"]
+    import mlflow
+
+    assert mlflow.MlflowClient().get_model_version("test-pixels", "1").tags["vimpac.family"] == "st_mae"
