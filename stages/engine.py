@@ -161,7 +161,9 @@ class Objective:
         return int(batch["tokens"].shape[0])
 
     def loss(self, net: torch.nn.Module, batch: dict, context: Any, k: int) -> tuple[torch.Tensor, Figures]:
-        raise NotImplementedError
+        """Required: the loss to back-propagate (already divided as the step context says) and
+        this micro-batch's figures."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss()")
 
     def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
         """The logged values from the window's sums over steps and ranks (`steps` counts both)
@@ -202,11 +204,15 @@ class Stream:
 
     def __iter__(self) -> Iterator[dict]:
         while True:
+            started_at = self.pos
             for batch in self.epochs(self.epoch, self.pos):
                 self.pos += 1
                 for err in batch.get("errors") or []:
                     self.reporter.warning(f"{self.what} data: {err}")
                 yield batch
+            if started_at == 0 and self.pos == 0:  # a whole epoch without a batch: the next would be empty too
+                raise ValueError(f"{self.what} data: epoch {self.epoch} gave this rank no batches (fewer samples than ranks, "
+                                 "or every sample unusable)")
             self.epoch, self.pos = self.epoch + 1, 0
 
 

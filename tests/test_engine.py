@@ -123,3 +123,9 @@ def test_the_window_logs_every_step_and_the_periodic_checkpoint_holds_the_object
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)  # every 4 steps, not at the end: the caller finishes a run
     assert (ckpt["kind"], ckpt["format"], ckpt["step"]) == ("resume", "toy", 4)
     assert float(ckpt["seen"]) == 4 * BATCH and (ckpt["epoch"], ckpt["consumed"]) == (0, 4)
+
+
+def test_an_epoch_without_batches_is_an_error_not_an_endless_loop(tmp_path):
+    engine, _ = _engine(tmp_path)
+    with pytest.raises(ValueError, match="epoch 0 gave this rank no batches"):
+        engine.run(first_step=0, end_step=3, stop_at=3, epochs=lambda epoch, skip: iter(()), label="toy")

@@ -40,6 +40,7 @@ from stages.config import ConfigError, PixelPretrainConfig, config_hash
 from stages.engine import Engine, Objective, adamw
 from stages.frames.read import FrameShard, read_shard
 from stages.pretrain import distributed as D
+from stages.pretrain.data import batch_generator  # the token loader's per-batch generator: same rule
 from stages.reporting import Reporter
 from stages.tokenizer.train import _select_shards, held_out_videos
 from warehouse.layout import DataRoot
@@ -97,11 +98,6 @@ def pixel_run(root: DataRoot, datasets: list[str], cfg: PixelPretrainConfig, wor
     key = hashlib.sha256(json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, world_size]).encode()).hexdigest()[:16]
     return PixelRun(run_key=key, data_fingerprint=fingerprint, run_dir=root.home / "checkpoints" / "pretrain-pixels" / key,
                     shards=shards)
-
-
-def _generator(*key: int) -> torch.Generator:
-    hi, lo = np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(hi) << 31) | (int(lo) >> 1))
 
 
 def sample_clip(frames: np.ndarray, n: int, step: int, scale: tuple[float, float], size: int,
@@ -171,10 +167,10 @@ class PixelClips:
             pending.append(item)
             if len(pending) == batch_size:
                 if b >= skip:
-                    yield self._assemble(pending, _generator(seed, epoch, self.rank, b))
+                    yield self._assemble(pending, batch_generator(seed, epoch, self.rank, b))
                 b, pending, yielded = b + 1, [], True
         if pending and not yielded:
-            yield self._assemble(pending, _generator(seed, epoch, self.rank, b))
+            yield self._assemble(pending, batch_generator(seed, epoch, self.rank, b))
 
     def _assemble(self, items: list[tuple[str, np.ndarray]], generator: torch.Generator) -> dict:
         d = self.cfg.data
