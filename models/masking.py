@@ -5,6 +5,12 @@ Block masking: the union of `n_blocks` cuboids per clip. A cuboid's lengths are 
 temporal bound is floor(2T/3), as in the authors' code (`l * 2 // 3`): the appendix says "round
 up", but only the floor reproduces Table 2 (5 frames, 16x16, 5 blocks -> 14.5%).
 
+Tube masking (VideoMAE, Tong et al. 2022, Sec. 3.3) is offered beside it: the same random
+rectangles in (H, W), each spanning every frame. The paper's cuboids span at most 2/3 of the
+frames, so a masked token can often be copied from the same position in a visible frame (the
+trivial solution its Appendix and Table 8 discuss); a tube hides a position in all frames, so
+filling it takes the spatial context and, where something moves through it, the motion.
+
 The number of blocks is chosen per resolution as the one whose induced ratio is closest to
 15% (BERT's ratio). `induced_ratio` computes that ratio exactly: one cuboid covers position
 (t, h, w) with probability p_T(t) p_H(h) p_W(w), so n independent cuboids cover it with
@@ -35,18 +41,19 @@ def _axis_cover_prob(size: int, max_len: int) -> torch.Tensor:
     return p / max_len
 
 
-def induced_ratio(t: int, h: int, w: int, n_blocks: int) -> float:
-    """Expected fraction of masked tokens under block masking (Table 2), exactly."""
-    pt = _axis_cover_prob(t, _axis_max_len(t, True))
+def induced_ratio(t: int, h: int, w: int, n_blocks: int, tube: bool = False) -> float:
+    """Expected fraction of masked tokens under block masking (Table 2), exactly; with `tube`,
+    under tube masking (every block spans all frames)."""
+    pt = torch.ones(t, dtype=torch.float64) if tube else _axis_cover_prob(t, _axis_max_len(t, True))
     ph = _axis_cover_prob(h, _axis_max_len(h, False))
     pw = _axis_cover_prob(w, _axis_max_len(w, False))
     p = pt[:, None, None] * ph[None, :, None] * pw[None, None, :]  # (T, H, W)
     return float((1 - (1 - p) ** n_blocks).mean())
 
 
-def blocks_for_ratio(t: int, h: int, w: int, target: float = 0.15, max_blocks: int = 64) -> int:
+def blocks_for_ratio(t: int, h: int, w: int, target: float = 0.15, max_blocks: int = 64, tube: bool = False) -> int:
     """The block count whose induced ratio is closest to `target` (Appendix B.1, bold in Table 2)."""
-    return min(range(1, max_blocks + 1), key=lambda n: abs(induced_ratio(t, h, w, n) - target))
+    return min(range(1, max_blocks + 1), key=lambda n: abs(induced_ratio(t, h, w, n, tube) - target))
 
 
 def block_mask(shape: tuple[int, int, int, int], n_blocks: int, generator: torch.Generator | None = None,
@@ -67,6 +74,15 @@ def block_mask(shape: tuple[int, int, int, int], n_blocks: int, generator: torch
     in_t, in_h, in_w = axis(0, t), axis(1, h), axis(2, w)
     cuboids = in_t[:, :, :, None, None] & in_h[:, :, None, :, None] & in_w[:, :, None, None, :]  # (B, n, T, H, W)
     return cuboids.any(dim=1)
+
+
+def tube_mask(shape: tuple[int, int, int, int], n_blocks: int, generator: torch.Generator | None = None,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, T, H, W) bool: the union of `n_blocks` rectangles per sample (lengths and positions drawn
+    as block masking draws them in H and W), each masked in every frame."""
+    b, t, h, w = shape
+    spatial = block_mask((b, 1, h, w), n_blocks, generator, device)  # (B, 1, H, W): a 1-frame cuboid is a rectangle
+    return spatial.expand(b, t, h, w).contiguous()
 
 
 def iid_mask(shape: tuple[int, ...], ratio: float, generator: torch.Generator | None = None,

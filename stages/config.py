@@ -166,7 +166,10 @@ class PretrainModel(StrictModel):
 class PretrainMasking(StrictModel):
     """How tokens are masked for mask-then-predict (Sec. 3.1, Appendix B.1, Tables 2, 8, 15)."""
 
-    strategy: Literal["block", "iid"] = Field("block", description="block: union of random cuboids (paper); iid: independent tokens.")
+    strategy: Literal["block", "iid", "tube"] = Field(
+        "block", description="block: union of random cuboids (paper); iid: independent tokens (Table 8); tube: random "
+        "rectangles masked in every frame (VideoMAE), so no masked token can be copied from another frame.",
+    )
     n_blocks: int | None = Field(None, ge=1, description="Cuboids per clip; default: the count whose induced ratio is closest to `ratio` (Table 2).")
     ratio: float = Field(0.15, gt=0, lt=1, description="Target masking ratio (block: picks n_blocks; iid: the probability).")
     replacement: Literal["mask", "bert"] = Field("mask", description="mask: every masked token becomes [MASK]; bert: 80/10/10.")

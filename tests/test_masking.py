@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, induced_ratio, iid_mask
+from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, induced_ratio, iid_mask, tube_mask
 
 # Table 2: induced masking ratio (%) for 4..8 blocks, per (frames, token map size).
 TABLE_2 = {
@@ -67,6 +67,25 @@ def test_masks_differ_per_sample_and_follow_the_generator():
     b = block_mask((8, 5, 16, 16), 5, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert len({m.numpy().tobytes() for m in a}) == 8
+
+
+@pytest.mark.parametrize("t,h,w,n_blocks", [(5, 8, 8, 2), (5, 16, 16, 3), (10, 32, 32, 5), (3, 4, 6, 1)])
+def test_tube_masks_hide_a_position_in_every_frame_or_none_at_the_exact_induced_ratio(t, h, w, n_blocks):
+    gen = torch.Generator().manual_seed(t + h + n_blocks)
+    masks = tube_mask((2000, t, h, w), n_blocks, gen)
+    assert torch.equal(masks, masks[:, :1].expand_as(masks)), "a tube spans all frames"
+    assert abs(float(masks.float().mean()) - induced_ratio(t, h, w, n_blocks, tube=True)) < 0.01
+    # So the copy-paste answer has nothing to copy from: no masked token has a visible frame.
+    tokens = torch.randint(0, 50, masks[:16].shape, generator=gen)
+    _, has_guess = copy_prediction(tokens, masks[:16])
+    assert not bool(has_guess.any())
+
+
+def test_tube_block_count_is_the_one_closest_to_the_target():
+    n = blocks_for_ratio(5, 8, 8, 0.15, tube=True)
+    ratios = {k: induced_ratio(5, 8, 8, k, tube=True) for k in range(1, 10)}
+    assert n == min(ratios, key=lambda k: abs(ratios[k] - 0.15))
+    assert ratios[n] > induced_ratio(5, 8, 8, n), "the same rectangles hide more once they span every frame"
 
 
 def test_iid_mask_ratio():

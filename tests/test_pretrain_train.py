@@ -352,6 +352,11 @@ def test_objectives_and_masking_options_train(corpus):
                  ["model.layout=T,H,W", "model.norm=pre"]):
         result = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", *sets))
         assert np.isfinite(result.metrics["loss"])
+    tube = pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "masking.strategy=tube"))
+    assert tube.run_name.endswith("-tube")
+    # Tubes hide a position in every frame: the copy-paste answer never has a visible frame to copy.
+    assert tube.metrics["eval_copy_acc"] == 0.0
+    assert tube.metrics["eval_mask_acc_uncopyable"] == pytest.approx(tube.metrics["eval_mask_acc"])
     assert "eval_cl_acc" not in pretrain(corpus, ["pre"], micro_cfg("train.epochs=1", "model.objective=mp")).metrics
 
 

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.backbone import PRESETS as BACKBONES
 from models.backbone import flops_per_clip, load_state_resized
-from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, iid_mask
+from models.masking import block_mask, blocks_for_ratio, copy_prediction, corrupt, iid_mask, tube_mask
 from models.pretrain import PretrainModelConfig, VIMPACPretrainer, default_cl_input
 from stages.checkpoints import KeyedRun, atomic_save, read_checkpoint, strip_prefixes
 from stages.config import ConfigError, PretrainConfig, config_hash
@@ -80,6 +80,8 @@ def mask_batch(batch: dict, generator: torch.Generator, *, strategy: str, n_bloc
         mask = torch.zeros_like(flat, dtype=torch.bool)
     elif strategy == "block":
         mask = block_mask((b * two, t, h, w), n_blocks, generator)
+    elif strategy == "tube":
+        mask = tube_mask((b * two, t, h, w), n_blocks, generator)
     else:
         mask = iid_mask((b * two, t, h, w), ratio, generator)
     inputs, predict = corrupt(flat, mask, pad_id=pad_id, mask_id=mask_id, n_codes=n_codes, replacement=replacement,
@@ -539,7 +541,8 @@ def _pretrain(root: DataRoot, datasets: list[str], cfg: PretrainConfig, reporter
     total_steps = max(1, math.ceil((cfg.train.schedule_epochs or cfg.train.epochs) * batches_per_epoch / k))
     warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
     run_steps = max(1, math.ceil(cfg.train.epochs * batches_per_epoch / k))
-    n_blocks = cfg.masking.n_blocks or blocks_for_ratio(cfg.data.frames, grid[0], grid[1], cfg.masking.ratio)
+    n_blocks = cfg.masking.n_blocks or blocks_for_ratio(cfg.data.frames, grid[0], grid[1], cfg.masking.ratio,
+                                                         tube=cfg.masking.strategy == "tube")
     amp = cfg.train.amp and device.type == "cuda"
 
     transform = functools.partial(
