@@ -7,6 +7,11 @@ cells running at once split the process's compute threads (stages/threads.py).
 A cell whose evaluation is already in the catalog is reported as cached and does no work; one
 failed cell is logged and listed and does not stop the others; the flow fails at the end if
 any cell failed, after everything else was committed.
+
+Rows may be token backbones (scratch, VIMPAC checkpoints, recipes) or pixel ones
+(pretrain-pixels ST-MAE checkpoints); the stage picks each cell's family from its checkpoint.
+The bag-of-codes floor is a probe on a tokenizer's codes: in a grid of pixel rows only, on a
+dataset without token shards, it is not applicable and is skipped with a log line.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from stages import threads
 from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, build
 from stages.finetune.grid import BAG_OF_CODES, PROBE, Cell, expand_grid, recipe_configs
 from stages.finetune.probe import bag_of_codes_cell, probe_cells
-from stages.finetune.train import SCRATCH, ModelSource, finetune_cell
+from stages.finetune.splits import dataset_tokenizers
+from stages.finetune.train import SCRATCH, TOKEN_FAMILY, ModelSource, finetune_cell, source_family
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
@@ -174,7 +180,7 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
                 runnable.append(dataclasses.replace(c, model=trained[(c.model.name, c.seed)]))
             else:
                 failed.append(f"{c.label}: its recipe was not pretrained")
-        cells = runnable
+        cells = applicable(runnable, grid, root, logger)
         args = (str(root.home), grid.name, grid.experiment, force)
         if grid.parallel > 1:
             futures = [run_cell.with_options(task_run_name=f"{c.dataset}-{c.split}-{c.preset}").submit(
@@ -194,6 +200,32 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(cells)} grid cells failed: " + "; ".join(failed))
     return {"cells": outcomes, "failed": failed}
+
+
+def model_family(model: GridModel) -> str:
+    """A grid row's backbone family: recipes and scratch are token backbones; a checkpoint or
+    registry model says (one that cannot be read counts as a token backbone: its own cells then
+    fail with the reason)."""
+    if model.is_recipe or model.ref == SCRATCH:
+        return TOKEN_FAMILY
+    try:
+        return source_family(resolve_model(model))
+    except ConfigError:
+        return TOKEN_FAMILY
+
+
+def applicable(cells: list[Cell], grid: GridConfig, root: DataRoot, logger) -> list[Cell]:
+    """The cells that can run: a bag-of-codes cell is left out, with a log line, where the grid's
+    rows are all pixel (ST-MAE) backbones and the dataset has no token shards to count codes in."""
+    bags = [c for c in cells if c.kind == BAG_OF_CODES and not dataset_tokenizers(root, c.dataset)]
+    if not bags or any(model_family(m) == TOKEN_FAMILY for m in grid.models):
+        return cells
+    for cell in bags:
+        logger.info(f"{cell.label}: not applicable, skipped: every model of grid {grid.name} is a pixel (ST-MAE) backbone and "
+                    f"{cell.dataset} has no token shards; the bag-of-codes floor is a probe on a tokenizer's codes (tokenize "
+                    f"{cell.dataset} to get it)")
+    skipped = {id(c) for c in bags}
+    return [c for c in cells if id(c) not in skipped]
 
 
 def _on_device(cell: Cell, index: int, parallel: int) -> Cell:

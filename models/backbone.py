@@ -12,6 +12,10 @@ As in the paper (Sec. 3, Appendix C.1, Table 3, Table 13) and checked against th
 - [CLS] is prepended to every 1-D attention row (TimeSformer's trick, as the authors do) and its
   outputs are averaged over the rows, so it sees the whole clip after one layer.
 - Padded positions ([PAD] ids, frames beyond a short video's end) are masked as keys.
+- Fine-tuning may add stochastic depth (`drop_path`, models/drop_path.py), as mae_st and HVM-1
+  fine-tune their ViTs: every residual branch of layer i (its attention blocks and its MLP) is
+  dropped per sample with probability drop_path x i / (L - 1); a sample's [CLS] and token grid
+  drop together. 0 (the default) is the paper's model.
 
 Layouts of Table 13 for ablations: "TxHxW" (full attention), "T,HxW" (divided space-time),
 "T,H,W" (axial), "T,H|W" (ours). A pattern names the axes its rows run along; "|" splits one
@@ -27,6 +31,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.drop_path import DropPath, drop_path_rates
 
 # Token axes of a (B, T, H, W, D) tensor, by pattern letter.
 _AXES = {"T": 1, "H": 2, "W": 3}
@@ -47,11 +53,14 @@ class BackboneConfig:
     dropout: float = 0.1
     init_std: float = 0.02  # BERT initialisation
     ln_eps: float = 1e-12  # BERT's LayerNorm epsilon, as the authors use
+    drop_path: float = 0.0  # stochastic depth of the last layer, linear in depth (0: the paper's model)
 
     def __post_init__(self) -> None:
         blocks = parse_layout(self.layout)
         if self.norm not in ("post", "pre"):
             raise ValueError(f"norm must be 'post' or 'pre', got {self.norm!r}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         for patterns in blocks:
             if self.n_heads % len(patterns):
                 raise ValueError(f"layout block {'|'.join(patterns)!r} splits {self.n_heads} heads into {len(patterns)} equal parts: impossible")
@@ -139,10 +148,10 @@ class MultiPatternAttention(nn.Module):
     """One attention block: its heads split evenly between `patterns`, one shared output projection.
 
     Each pattern attends along its axes only (rows of the grid), with [CLS] prepended to every row;
-    [CLS] outputs are averaged over rows. With `norm="post"`: x <- LN(x + Proj(Attn(x))).
+    [CLS] outputs are averaged over rows. With `norm="post"`: x <- LN(x + DropPath(Proj(Attn(x)))).
     """
 
-    def __init__(self, cfg: BackboneConfig, patterns: list[str]):
+    def __init__(self, cfg: BackboneConfig, patterns: list[str], drop_path: float = 0.0):
         super().__init__()
         self.patterns = patterns
         self.axes = [tuple(_AXES[a] for a in p.split("x")) for p in patterns]
@@ -153,6 +162,7 @@ class MultiPatternAttention(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
+        self.drop_path = DropPath(drop_path)
         self.pre_norm = cfg.norm == "pre"
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cls_qkv: torch.Tensor,
@@ -198,37 +208,44 @@ class MultiPatternAttention(nn.Module):
             clss.append(c)
         grid = torch.cat(grids, dim=-2).reshape(b, t, h, w, -1)  # (B, T, H, W, A): heads concatenated
         cls_att = torch.cat(clss, dim=-2).reshape(b, -1)  # (B, A)
-        x_out, cls_out = self.dropout(self.proj(grid)), self.dropout(self.proj(cls_att))
+        x_out, cls_out = self.drop_path(self.dropout(self.proj(grid)), self.dropout(self.proj(cls_att)))
         if self.pre_norm:
             return x + x_out, cls + cls_out
         return self.norm(x + x_out), self.norm(cls + cls_out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: BackboneConfig):
+    """The layer's GELU MLP, applied to the token grid and to [CLS] (one drop-path draw for both)."""
+
+    def __init__(self, cfg: BackboneConfig, drop_path: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
         self.pre_norm = cfg.norm == "pre"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x) if self.pre_norm else x))))
+
+    def forward(self, x: torch.Tensor, cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_out, cls_out = self.drop_path(self._branch(x), self._branch(cls))
         if self.pre_norm:
-            return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
-        return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+            return x + x_out, cls + cls_out
+        return self.norm(x + x_out), self.norm(cls + cls_out)
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig, drop_path: float = 0.0):
         super().__init__()
-        self.attention = nn.ModuleList(MultiPatternAttention(cfg, patterns) for patterns in parse_layout(cfg.layout))
-        self.mlp = MLP(cfg)
+        self.attention = nn.ModuleList(MultiPatternAttention(cfg, patterns, drop_path) for patterns in parse_layout(cfg.layout))
+        self.mlp = MLP(cfg, drop_path)
 
     def forward(self, x: torch.Tensor, cls: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.attention:
             x, cls = block(x, cls, keep)
-        return self.mlp(x), self.mlp(cls)
+        return self.mlp(x, cls)
 
 
 class VideoTransformer(nn.Module):
@@ -246,7 +263,7 @@ class VideoTransformer(nn.Module):
         self.pos_w = nn.Parameter(torch.zeros(cfg.grid, d))
         self.embed_norm = nn.LayerNorm(d, eps=cfg.ln_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Layer(cfg, rate) for rate in drop_path_rates(cfg.drop_path, cfg.n_layers))
         # Pre-LN needs a final LayerNorm on the residual stream; post-LN ends with one already.
         self.final_norm = nn.LayerNorm(d, eps=cfg.ln_eps) if cfg.norm == "pre" else nn.Identity()
         self.reset_parameters()

@@ -17,6 +17,10 @@ eminorhan/hvm-1) and written anew:
   positions in every time step), ratio 0.9 (HVM-1 at 224 px; 0.95 at 448 px).
 - Loss: mean squared error per tubelet, averaged over the masked tubelets only; `norm_pix_loss`
   normalises each target tubelet by its own mean and variance first (MAE; HVM-1 runs it off).
+- Fine-tuning and probes use the encoder alone (`STMAEEncoder`, which STMAE extends with the
+  decoder; `load_encoder_state` reads a pretrained STMAE's weights into it), optionally with
+  stochastic depth in its blocks (`drop_path`, linear in depth, mae_st models_vit.py: 0.1 when
+  fine-tuning, never when pretraining).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from models.drop_path import DropPath, drop_path_rates
 
 
 @dataclass
@@ -50,6 +56,7 @@ class STMAEConfig:
     mask_ratio: float = 0.9
     norm_pix_loss: bool = False
     ln_eps: float = 1e-6
+    drop_path: float = 0.0  # encoder stochastic depth of the last block, linear in depth (fine-tuning only)
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -64,6 +71,8 @@ class STMAEConfig:
             raise ValueError(f"masking must be 'random' or 'tube', got {self.masking!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -119,6 +128,8 @@ def micro() -> STMAEConfig:
 
 PRESETS: dict[str, Callable[[], STMAEConfig]] = {"micro": micro, "tiny": tiny, "base": base, "large": large, "huge": huge}
 
+DECODER_PREFIXES = ("decoder", "mask_token")  # state-dict entries of the decoder (pretraining only)
+
 
 def sinusoid_table(n: int, dim: int) -> torch.Tensor:
     """(n, dim) fixed sin/cos positions over a flat index (VideoMAE's table)."""
@@ -147,9 +158,9 @@ def random_mask(batch: int, grid: tuple[int, int, int], ratio: float, *, tube: b
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block."""
+    """Pre-norm transformer block; `drop_path` drops each residual branch per sample in training."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, eps: float, drop_path: float = 0.0):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -159,11 +170,12 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        x = x + self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + self.drop_path(self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")))
+        return x + self.drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
 
 
 class _Positions(nn.Module):
@@ -195,32 +207,35 @@ def _gather(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
-class STMAE(nn.Module):
-    """ST-MAE: `forward` returns the masked-tubelet loss; `encode` and `features` are the
-    backbone for fine-tuning and probes (all tokens visible)."""
+class STMAEEncoder(nn.Module):
+    """The ST-MAE's encoder: tubelet embedding, positions, [CLS], pre-norm blocks, final norm.
+    `encode` and `features` are the backbone of fine-tuning and probes (all tokens visible).
 
-    def __init__(self, cfg: STMAEConfig):
+    `init` False leaves the weights to a subclass that adds modules and initialises everything
+    once, in mae_st's order (STMAE: the same seed gives the same model as before the split)."""
+
+    def __init__(self, cfg: STMAEConfig, *, init: bool = True):
         super().__init__()
         self.cfg = cfg
         u, p = cfg.tubelet, cfg.patch_size
         self.patch_embed = nn.Conv3d(cfg.in_chans, cfg.dim, kernel_size=(u, p, p), stride=(u, p, p))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.cls_token else None
         self.pos = _Positions(cfg.pos_embed, cfg.grid, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.ln_eps, rate)
+                                    for rate in drop_path_rates(cfg.drop_path, cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps)
-        self.decoder_embed = nn.Linear(cfg.dim, cfg.decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
-        self.decoder_cls = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim)) if cfg.cls_token else None
-        self.decoder_pos = _Positions(cfg.pos_embed, cfg.grid, cfg.decoder_dim)
-        self.decoder_blocks = nn.ModuleList(
-            Block(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.decoder_depth))
-        self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.ln_eps)
-        self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
+
+    def _tokens(self) -> tuple[nn.Parameter | None, ...]:
+        return (self.cls_token,)
+
+    def _position_tables(self) -> tuple[_Positions, ...]:
+        return (self.pos,)
 
     def reset_parameters(self) -> None:
         """mae_st's initialisation: truncated normal 0.02 for tokens and learned positions, Xavier
-        uniform for the linear layers and the (flattened) tubelet projection, N(0, 0.02) for [MASK]."""
+        uniform for the linear layers and the (flattened) tubelet projection."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -231,32 +246,13 @@ class STMAE(nn.Module):
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        for param in (self.cls_token, self.decoder_cls):
+        for param in self._tokens():
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02)
-        for positions in (self.pos, self.decoder_pos):
+        for positions in self._position_tables():
             if positions.kind == "learned":
                 for param in (positions.spatial, positions.temporal, positions.cls):
                     nn.init.trunc_normal_(param, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-
-    def encoder_params(self) -> int:
-        """Parameters of the encoder (what fine-tuning keeps): everything but the decoder."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(("decoder", "mask_token")))
-
-    # ----------------------------------------------------------------------------- pixels
-
-    def patchify(self, videos: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, S, S) -> (B, L, u*p*p*C), tokens in (t, h, w) order."""
-        u, p = self.cfg.tubelet, self.cfg.patch_size
-        return rearrange(videos, "b c (t u) (h p) (w q) -> b (t h w) (u p q c)", u=u, p=p, q=p)
-
-    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
-        t, h, w = self.cfg.grid
-        u, p = self.cfg.tubelet, self.cfg.patch_size
-        return rearrange(patches, "b (t h w) (u p q c) -> b c (t u) (h p) (w q)", t=t, h=h, w=w, u=u, p=p, q=p)
-
-    # ----------------------------------------------------------------------------- model
 
     def encode(self, videos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, T, S, S) -> (B, [1 +] K, D) normalised states of [CLS] (if any) and the kept
@@ -277,6 +273,52 @@ class STMAE(nn.Module):
         if pool == "cls" and self.cls_token is not None:
             return x[:, 0]
         return x[:, 1:].mean(1) if self.cls_token is not None else x.mean(1)
+
+
+class STMAE(STMAEEncoder):
+    """ST-MAE: `forward` returns the masked-tubelet loss; `encode` and `features` are the
+    backbone for fine-tuning and probes (all tokens visible)."""
+
+    def __init__(self, cfg: STMAEConfig):
+        super().__init__(cfg, init=False)
+        self.decoder_embed = nn.Linear(cfg.dim, cfg.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.decoder_cls = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim)) if cfg.cls_token else None
+        self.decoder_pos = _Positions(cfg.pos_embed, cfg.grid, cfg.decoder_dim)
+        self.decoder_blocks = nn.ModuleList(
+            Block(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio, cfg.ln_eps) for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.ln_eps)
+        self.decoder_pred = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
+        self.reset_parameters()
+
+    def _tokens(self) -> tuple[nn.Parameter | None, ...]:
+        return (self.cls_token, self.decoder_cls)
+
+    def _position_tables(self) -> tuple[_Positions, ...]:
+        return (self.pos, self.decoder_pos)
+
+    def reset_parameters(self) -> None:
+        """The encoder's rule over encoder and decoder alike, then N(0, 0.02) for [MASK] (mae_st)."""
+        super().reset_parameters()
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def encoder_params(self) -> int:
+        """Parameters of the encoder (what fine-tuning keeps): everything but the decoder."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith(DECODER_PREFIXES))
+
+    # ----------------------------------------------------------------------------- pixels
+
+    def patchify(self, videos: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, S, S) -> (B, L, u*p*p*C), tokens in (t, h, w) order."""
+        u, p = self.cfg.tubelet, self.cfg.patch_size
+        return rearrange(videos, "b c (t u) (h p) (w q) -> b (t h w) (u p q c)", u=u, p=p, q=p)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        t, h, w = self.cfg.grid
+        u, p = self.cfg.tubelet, self.cfg.patch_size
+        return rearrange(patches, "b (t h w) (u p q c) -> b c (t u) (h p) (w q)", t=t, h=h, w=w, u=u, p=p, q=p)
+
+    # ----------------------------------------------------------------------------- model
 
     def decode(self, latent: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Encoder states of the kept tokens -> (B, L, u*p*p*C) predictions for every token."""
@@ -312,6 +354,27 @@ class STMAE(nn.Module):
         weights = mask.float()
         loss = (per_token * weights).sum() / weights.sum().clamp_min(1.0)
         return {"loss": loss, "pred": pred, "mask": mask, "target": target}
+
+
+def load_encoder_state(encoder: STMAEEncoder, state: dict[str, torch.Tensor]) -> None:
+    """Load a pretrained ST-MAE's weights (an STMAE state dict; its decoder entries are left out)
+    into `encoder`. A learned temporal table is interpolated linearly when the encoder's clip has
+    another number of tubelet steps than pretraining (as backbone.resize_positions does for
+    VIMPAC's tables); anything else that does not match raises ValueError naming it."""
+    state = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
+    own = encoder.state_dict()
+    temporal = "pos.temporal"
+    if temporal in state and temporal in own and state[temporal].shape != own[temporal].shape:
+        table = state[temporal].transpose(1, 2)  # (1, D, T)
+        state[temporal] = F.interpolate(table.float(), size=own[temporal].shape[1], mode="linear",
+                                        align_corners=False).transpose(1, 2).to(state[temporal].dtype)
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        parts = mismatched + [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+        raise ValueError("ST-MAE checkpoint does not match the encoder: " + "; ".join(parts[:6]))
+    encoder.load_state_dict(state)
 
 
 def flops_per_clip(cfg: STMAEConfig, visible: int | None = None) -> float:

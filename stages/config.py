@@ -319,7 +319,8 @@ class PixelTrain(StrictModel):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: linear warm-up then half-cycle cosine "
                                                     "(mae_st); constant (HVM-1).")
     warmup_epochs: float = Field(5, ge=0, description="Warm-up epochs of the cosine schedule (mae_st: 5).")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on biases, norms, positions).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (none on 1-D parameters: biases, norms; [CLS] and "
+                                "positions decay, as in mae_st's pretraining, util/misc.add_weight_decay).")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (MAE: 0.95).")
     grad_clip: float = Field(0.02, gt=0, description="Gradient-norm clipping (mae_st: 0.02; HVM-1: 0.1).")
@@ -341,9 +342,16 @@ class PixelPretrainConfig(StrictModel):
 
 
 class FinetuneModel(StrictModel):
-    """The classifier on top of the backbone (App. A.2: a zero-initialised linear layer on [CLS])."""
+    """The classifier on top of the backbone (App. A.2: a zero-initialised linear layer on [CLS]): a VIMPAC token
+    backbone or an ST-MAE pixel encoder, whichever the model row names."""
 
-    dropout: float = Field(0.1, ge=0, lt=1, description="Backbone dropout during fine-tuning (Table 4: 0.1).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Backbone dropout during fine-tuning (Table 4: 0.1). Token backbones "
+                           "only: the ST-MAE encoder has none (mae_st fine-tunes it without).")
+    drop_path: float = Field(
+        0.0, ge=0, lt=1, description="Stochastic depth: each residual branch of block i of L is dropped per sample with "
+        "probability drop_path x i / (L - 1) while training (mae_st/HVM-1 fine-tuning: 0.1, models_vit.py). Both families; "
+        "0: off.",
+    )
     head_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the last FC layer (Table 4: 0.0).")
     scratch_preset: Literal["micro", "tiny", "small", "base", "large_half"] = Field(
         "small", description="Backbone preset of the from-scratch baseline (no pretrained checkpoint)."
@@ -361,10 +369,13 @@ class FinetuneModel(StrictModel):
 class FinetuneData(StrictModel):
     """Fine-tuning input (App. C): a random temporal clip of a random stored view per video and step."""
 
-    frames: int | None = Field(None, ge=1, description="T, frames per clip (default: the pretrained model's; the paper fine-tunes at 10).")
-    size: int | None = Field(None, ge=8, description="Frame size S of the token shards to use (default: the only one there is).")
+    frames: int | None = Field(None, ge=1, description="T, frames per clip (default: the pretrained model's; the paper fine-tunes at 10). "
+                               "For an ST-MAE, a multiple of its tubelet length; its temporal positions are interpolated.")
+    size: int | None = Field(None, ge=8, description="Frame size S of the token shards to use, or of the frame shards for an "
+                             "ST-MAE (default: the only one there is; pixel clips are resized to the encoder's size).")
     variant: Literal["downstream", "pretrain"] | None = Field(
-        None, description="Token shards of this frames variant (default: downstream if the dataset has it: 12 or 6 fixed views)."
+        None, description="Token (or, for an ST-MAE, frame) shards of this frames variant (default: downstream if the dataset "
+        "has it: 12 or 6 fixed views)."
     )
     shuffle_buffer: int = Field(256, ge=1, description="Videos held for shuffling per loader worker.")
     workers: int = operational(0, ge=0, description="Data-loader worker processes per rank.")
@@ -382,7 +393,17 @@ class FinetuneTrain(StrictModel):
     accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default, Table 4: 1e-4 for small/base, 5e-5 for large-half).")
     warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of all steps if < 1, else a number of steps.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (none on biases, norms, [CLS]).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (none on biases, norms, [CLS], and an ST-MAE's "
+                                "positions).")
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="Layer-wise learning-rate decay (ELECTRA/BEiT, mae_st util/lr_decay.py): block i of L "
+        "learns at layer_decay^(L + 1 - i) x lr, the embeddings at layer_decay^(L + 1), the head at lr (HVM-1: 0.8). "
+        "1: off, every parameter at lr.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy: the target puts 1 - e on the label and e / C on "
+        "every class (mae_st/HVM-1 fine-tuning: 0.1). 0: the plain cross-entropy.",
+    )
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.999, gt=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
@@ -447,8 +468,8 @@ def _short_datasets(v: Any) -> Any:
 class GridModel(StrictModel):
     """One row of the results grid: a finished model, `scratch`, or a pretraining recipe trained on demand."""
 
-    ref: str | None = Field(None, description="models:/NAME/VERSION|latest (MLflow registry), a pretrain checkpoint path, or `scratch`. "
-                            "Leave empty for a recipe (`pretrain:`).")
+    ref: str | None = Field(None, description="models:/NAME/VERSION|latest (MLflow registry), a pretrain or pretrain-pixels "
+                            "(ST-MAE) checkpoint path or run folder, or `scratch`. Leave empty for a recipe (`pretrain:`).")
     name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl); "
                              "required for a recipe.")
     preset: str | None = Field(None, description="Fine-tuning preset for this model's cells (overrides the grid's).")
@@ -770,6 +791,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "micro": {"model": {"scratch_preset": "micro", "dropout": 0.0},
                   "train": {"epochs": 1, "batch_size": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "checkpoint_every": 1},
                   "eval": {"clips": 2, "batch_size": 16}},
+        # HVM-1's fine-tuning (eminorhan/mae_st, the code HVM-1's README points to: finetune.py defaults and
+        # scripts/finetune/*.sh, models_vit.py): [CLS] (its forward reads x[:, 0]; the global-pool flag is unused),
+        # layer-wise lr decay 0.8, drop path 0.1, head dropout 0.3, label smoothing 0.1, weight decay 1e-4,
+        # no warm-up, gradient clipping 5, batch 16 x 2 accumulated, lr = blr 1.2e-3 x 32 / 256 = 1.5e-4, AdamW
+        # (0.9, 0.999), no mixup/cutmix, RandAugment or dropout inside the ViT. Not carried over: its half-cycle
+        # cosine to 1e-5 (ours decays linearly), its per-step random resized crop (area 0.08-1) and flip (both
+        # families train on the stored views: 2 scales x 3 crops x flip), and its open-ended epoch count (runs
+        # were stopped by hand; the epochs here stay the default's).
+        "hvm1": {"model": {"pool": "cls", "drop_path": 0.1, "head_dropout": 0.3, "dropout": 0.0},
+                 "train": {"layer_decay": 0.8, "label_smoothing": 0.1, "weight_decay": 1e-4, "warmup": 0, "grad_clip": 5.0,
+                           "batch_size": 16, "accumulate": 2, "lr": 1.5e-4, "beta1": 0.9, "beta2": 0.999}},
     },
 }
 

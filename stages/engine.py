@@ -5,7 +5,8 @@ The engine owns what every run needs and no run should copy (issue 17):
 
 - the step loop: k micro-batches per optimizer step (gradient accumulation), the gradient
   all-reduce only on the last one under DDP (`no_sync`), bf16 autocast on CUDA, gradient clipping,
-  AdamW, the warm-up + linear-decay schedule (Appendix C);
+  AdamW (optionally with layer-wise learning-rate decay), the warm-up + linear-decay schedule
+  (Appendix C);
 - exact checkpoint and resume: model, optimizer, scheduler, step, the loader's position (epoch,
   batch), every rank's RNG states and the objective's own state go into `last.pt` atomically every
   `checkpoint_every` steps; a run that finds it continues with the same losses as an
@@ -54,21 +55,60 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def layer_scales(layer_decay: float, n_layers: int) -> list[float]:
+    """Learning-rate factor of each layer id 0 .. n_layers + 1 (ELECTRA/BEiT's layer-wise decay as
+    mae_st's util/lr_decay.py computes it): layer i of n_layers gets decay ** (n_layers + 1 - i),
+    so the embeddings (0) learn slowest and the head (n_layers + 1) at the full rate."""
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    return [layer_decay ** (n_layers + 1 - i) for i in range(n_layers + 2)]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, *, layer_decay: float = 1.0,
+                 layer_of: Callable[[str], int] | None = None, n_layers: int = 0,
+                 no_decay: Iterable[str] = ()) -> list[dict]:
     """Weight decay on matrices only: biases, LayerNorm/BatchNorm weights and the [CLS] vectors
-    (all 1-D) are exempt, as in BERT."""
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
+    (all 1-D) are exempt, as in BERT, and so are the parameters named in `no_decay` (a ViT's
+    [CLS] and positions are (1, N, D) tensors: mae_st's no_weight_decay list).
+
+    With `layer_decay` < 1 every (layer, decay) pair is its own group carrying `lr_scale` (see
+    `layer_scales`; `layer_of(name)` gives a parameter's layer id: 0 for the embeddings, i + 1 for
+    block i, n_layers + 1 for the final norm and the head). At 1 the two groups are exactly
+    those of a run without layer decay."""
+    exempt = set(no_decay)
+    scales = layer_scales(layer_decay, n_layers) if layer_decay != 1.0 else None
+    if scales is not None and layer_of is None:
+        raise ValueError("layer-wise learning-rate decay needs the model's layer_of(name)")
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = p.ndim >= 2 and name not in exempt
+        layer = 0
+        if scales is not None:
+            layer = layer_of(name)
+            if not 0 <= layer < len(scales):
+                raise ValueError(f"parameter {name}: layer id {layer} outside 0..{n_layers + 1}")
+        groups.setdefault((layer, decays), []).append(p)
+    if scales is None:
+        return [{"params": groups.get((0, True), []), "weight_decay": weight_decay},
+                {"params": groups.get((0, False), []), "weight_decay": 0.0}]
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scales[layer]}
+            for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def adamw(model: torch.nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
-          device: torch.device) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda")
+          device: torch.device, layer_decay: float = 1.0, layer_of: Callable[[str], int] | None = None,
+          n_layers: int = 0, no_decay: Iterable[str] = ()) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; a group with an `lr_scale` starts at lr x lr_scale, and the
+    schedule (a LambdaLR) multiplies each group's own starting rate."""
+    groups = param_groups(model, weight_decay, layer_decay=layer_decay, layer_of=layer_of, n_layers=n_layers, no_decay=no_decay)
+    for group in groups:
+        if "lr_scale" in group:
+            group["lr"] = lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
 def schedule(optimizer: torch.optim.Optimizer, *, first_step: int, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -303,7 +343,7 @@ class Engine:
                 t_wait = time.perf_counter()
                 micro = [to_device(next(batches), device) for _ in range(self.k)]
                 wait = time.perf_counter() - t_wait
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = max(g["lr"] for g in self.optimizer.param_groups)  # the peak: layer-wise decay scales the others down
                 figures, grad_norm = objective.step(self.net, self.optimizer, micro, device=device, amp=self.amp,
                                                     grad_clip=self.grad_clip)
                 self.scheduler.step()

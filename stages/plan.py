@@ -721,6 +721,8 @@ class _Planner:
     # ---------------------------------------------------------------- evaluate
 
     def evaluate_stage(self) -> None:
+        from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
+
         stage = self.cfg.evaluate
         models = []
         notes = []
@@ -764,6 +766,7 @@ class _Planner:
             for r in by_dataset.values():
                 r.error = f"fails: {e}"
         pending_recipes = self.recipe_rows(recipes)
+        pixel_only = all(self.model_family(m)[0] == PIXEL_FAMILY for m in models)
         for c in cells:
             row = by_dataset[c.dataset]
             if c.model.is_recipe:
@@ -773,10 +776,71 @@ class _Planner:
                     row.add(upstream("pretrain", f"recipe {c.model.name}") if recipe is None else recipe)
                     continue
                 c = dataclasses.replace(c, model=recipe)
-            self.cell(row, c.model, c.dataset, c.split, c.config, kind=c.kind, methods=c.methods)
+            self.cell(row, c.model, c.dataset, c.split, c.config, kind=c.kind, methods=c.methods, pixel_only=pixel_only)
         first = next(iter(by_dataset.values()))
         first.notes.extend(notes)
         self.rows.extend(by_dataset.values())
+
+    def model_family(self, model) -> tuple[str, str | None, Path | None]:
+        """(family, pretrain identity, checkpoint) of a grid row as the evaluate flow will find it:
+        scratch, `pretrained` and recipes are token backbones (identity and checkpoint None: the
+        token cells look them up themselves); a checkpoint's format says; a registry model is
+        found among the pretrain-pixels runs that registered it (else it is a token backbone)."""
+        from stages.finetune.pixels import pixel_identity
+        from stages.finetune.train import SCRATCH, TOKEN_FAMILY, checkpoint_family
+        from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
+
+        if model.is_recipe or model.ref in (SCRATCH, PRETRAINED):
+            return TOKEN_FAMILY, None, None
+        if model.ref.startswith("models:/"):
+            name, _, version = model.ref[len("models:/"):].partition("/")
+            uri = model.ref if version.isdigit() else self.latest_version(name)
+            for run in self.db.completed_runs("pretrain-pixels"):
+                if uri and run["summary"].get("model_uri") == uri:
+                    checkpoint = run["summary"].get("checkpoint")
+                    return PIXEL_FAMILY, run["summary"].get("run_key"), Path(checkpoint) if checkpoint else None
+            return TOKEN_FAMILY, None, None
+        path = Path(model.ref).expanduser()
+        try:
+            if checkpoint_family(path) == PIXEL_FAMILY:
+                return PIXEL_FAMILY, pixel_identity(path)[0], path
+        except (ValueError, ConfigError, OSError):
+            pass  # not a pixel checkpoint: the token cell reports what is wrong with the file
+        return TOKEN_FAMILY, None, None
+
+    def pixel_cell(self, row: StagePlan, label: str, identity: str, checkpoint: Path | None, dataset: str, split: str,
+                   cfg: FinetuneConfig, kind: str, methods: list[str] | None) -> None:
+        """A pixel (ST-MAE) row's cell: keyed by the frame shards, not by any tokens."""
+        from stages.finetune.pixels import pixel_cell_keys, pixel_identity, pixel_probe_eval_ids
+        from stages.finetune.splits import select_frame_split
+        from stages.finetune.train import existing_results
+        from stages.finetune.train import protocol_for as protocol
+
+        frames = self.frames.get(dataset)
+        if frames is not None and frames.new_hi:
+            row.run += 1
+            row.add(upstream("frames", dataset))
+            return
+        try:
+            selection = select_frame_split(self.root, dataset, split, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
+            if kind == "probe":
+                if checkpoint is None or not checkpoint.exists():
+                    row.run += 1
+                    row.add(NEW)
+                    return
+                encoder = pixel_identity(checkpoint)[1]
+                encoder = dataclasses.replace(encoder, frames=cfg.data.frames or encoder.frames)
+                ids = [e for _, e in pixel_probe_eval_ids(cfg, identity, dataset, selection, encoder, methods or [])]
+            else:
+                ids = [pixel_cell_keys(cfg, identity, dataset, selection, self.world_size, protocol(cfg, selection.flip_sensitive))[1]]
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            row.error = f"fails: {label} split {split}: {e}"
+            return
+        if all(existing_results(self.root, e) for e in ids):
+            row.cached += 1
+        else:
+            row.run += 1
+            row.add(NEW)
 
     def probe_frames(self, model, cfg: FinetuneConfig) -> int | None:
         """T of the backbone a probe cell would run: the scratch preset's or the checkpoint's."""
@@ -834,7 +898,7 @@ class _Planner:
         return out
 
     def cell(self, row: StagePlan, model, dataset: str, split: str, cfg: FinetuneConfig, *, kind: str = "finetune",
-             methods: list[str] | None = None) -> None:
+             methods: list[str] | None = None, pixel_only: bool = False) -> None:
         from stages.finetune.train import (
             CODE_VERSION, EVAL_VERSION, SCRATCH, cell_keys, cell_tokenizer, existing_results, pretrained_identity, scratch_identity,
         )
@@ -842,12 +906,20 @@ class _Planner:
         from stages.finetune.splits import select_split
 
         from stages.finetune.probe import bag_eval_id, probe_eval_ids
+        from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
 
         if self.force:
             row.run += 1
             row.add(FORCED)
             return
         if kind == "bag_of_codes":
+            if pixel_only and not self.db.rows("SELECT 1 FROM token_samples WHERE dataset = ? LIMIT 1", [dataset]) and \
+                    not ((t := self.tokens.get(dataset)) is not None and t.changed):
+                note = (f"bag_of_codes on {dataset}: not applicable (every model is a pixel ST-MAE backbone and {dataset} has no "
+                        "token shards); the evaluate flow skips it")
+                if note not in row.notes:
+                    row.notes.append(note)
+                return
             try:
                 tokenizer = cell_tokenizer(self.root, dataset, cfg, None, False, "bag-of-codes")
                 selection = select_split(self.root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant,
@@ -866,6 +938,14 @@ class _Planner:
                 row.add(NEW)
             return
         label = "scratch" if model.ref == SCRATCH else "pretrained" if model.ref == PRETRAINED else (model.name or model.ref)
+        family, pixel_run, checkpoint = self.model_family(model)
+        if family == PIXEL_FAMILY:
+            if pixel_run is None:
+                row.run += 1
+                row.add(NEW)
+                return
+            self.pixel_cell(row, label, pixel_run, checkpoint, dataset, split, cfg, kind, methods)
+            return
         pretrained = model.ref != SCRATCH
         if model.ref == SCRATCH:
             identity, model_tok = scratch_identity(cfg), None

@@ -162,6 +162,20 @@ def test_every_preset_builds(stage, name):
     check(PRESETS[stage][name], cfg)
 
 
+def test_hvm1_finetune_preset_is_hvm1s_fine_tuning():
+    """eminorhan/mae_st (HVM-1's fine-tuning code): finetune.py defaults and scripts/finetune/*.sh,
+    models_vit.py's [CLS] head; lr = blr 1.2e-3 x (16 x 2) / 256."""
+    cfg = build(FinetuneConfig, preset("finetune", "hvm1"))
+    t, m = cfg.train, cfg.model
+    assert (t.layer_decay, t.label_smoothing, t.weight_decay, t.warmup, t.grad_clip) == (0.8, 0.1, 1e-4, 0, 5.0)
+    assert (t.batch_size, t.accumulate, t.beta1, t.beta2) == (16, 2, 0.9, 0.999)
+    assert t.lr == pytest.approx(1.2e-3 * 16 * 2 / 256)
+    assert (m.pool, m.drop_path, m.head_dropout, m.dropout) == ("cls", 0.1, 0.3, 0.0)
+    default = FinetuneConfig()
+    assert (default.train.layer_decay, default.train.label_smoothing, default.model.drop_path) == (1.0, 0.0, 0.0), \
+        "the paper's recipe has none of HVM-1's regularisers"
+
+
 def test_file_settings_merge_into_nested_presets(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("pretrain:\n  train:\n    lr: 0.0005\n")

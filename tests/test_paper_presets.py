@@ -68,6 +68,7 @@ def test_finetune_preset_is_table_4(name):
     assert t.epochs == FINETUNE_EPOCHS[name]
     assert (t.batch_size, t.warmup, t.weight_decay, t.beta1, t.beta2, t.grad_clip) == (128, 0.1, 0.01, 0.9, 0.999, 1.0)
     assert (cfg.model.dropout, cfg.model.head_dropout) == (0.1, 0.0)
+    assert (t.layer_decay, t.label_smoothing, cfg.model.drop_path) == (1.0, 0.0, 0.0), "no HVM-1 regularisers in Table 4"
 
 
 # Appendix C: 2 FPS for the datasets with longer videos, 4 FPS for those with shorter ones.

@@ -5,7 +5,8 @@ and `vimpac plan`, which predicts them, so both see the same cells and the same 
 Protocols (grid `protocols:`): `finetune` is one cell per model, dataset, preset, split and
 seed; `linear_probe` and `knn` share one `probe` cell per model, dataset, split and seed (the
 frozen features are computed once, with the first preset's clip settings); `bag_of_codes` is one
-cell per dataset, split and seed, whatever the models. Seeds (grid `seeds:`) set every cell's
+cell per dataset, split and seed, whatever the models. A model is a token backbone or a pixel
+(ST-MAE) one; which, its checkpoint tells when the cell runs, so nothing here depends on it. Seeds (grid `seeds:`) set every cell's
 `train.seed` and, for recipe rows, the pretraining seed (flows/evaluate.py).
 """
 

@@ -9,7 +9,8 @@ Features: every video of the split (training and evaluation side) is seen throug
 `eval.clips` uniformly spaced clips of T frames of its center view (`s100_c`, no flip), the
 backbone runs in eval mode, and a video's feature is the average over its clips. The scratch
 row probes a randomly initialised backbone (seeded), which is the floor a pretrained backbone's
-features must clear.
+features must clear. A pretrain-pixels (ST-MAE) model is probed the same way on pixel clips
+(stages/finetune/pixels.py); the bag of codes needs a tokenizer's codes and has no pixel form.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from stages.evaluate.probes import KNN_K, KNN_TEMPERATURE, code_histogram, fit_l
 from stages.finetune.evaluate import EvalScores, _clips, read_token_videos
 from stages.finetune.splits import EvalVideo, SplitSelection, select_split
 from stages.finetune.train import (SCRATCH, CellResult, ModelSource, _fingerprint, _model_config, cell_tokenizer, existing_results,
-                                   load_pretrained_backbone, scratch_identity, write_evaluation)
+                                   load_pretrained_backbone, scratch_identity, source_family, write_evaluation)
+from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
 from stages.reporting import Reporter
 from warehouse.layout import DataRoot
 
@@ -127,6 +129,11 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
     unknown = sorted(set(methods) - set(PROBE_METHODS))
     if unknown or not methods:
         raise ConfigError(f"probe methods must be among {', '.join(PROBE_METHODS)}, got {methods}")
+    if source_family(source) == PIXEL_FAMILY:
+        from stages.finetune.pixels import pixel_probe_cells  # the pixel family's module builds on this one
+
+        return pixel_probe_cells(root, source, dataset, split, cfg, methods=methods, grid=grid, reporter=reporter, force=force,
+                                 run_id=run_id, device=device)
     seed = cfg.train.seed
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = cell_tokenizer(root, dataset, cfg, pretrained.tokenizer if pretrained else None, pretrained is not None, source.ref)
@@ -136,7 +143,7 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
         reporter.warning(leak)
     ccfg = _model_config(cfg, selection, pretrained, source.ref)
     bcfg = ccfg.backbone
-    bcfg.dropout = 0.0  # frozen features: eval mode anyway; keeps the config honest
+    bcfg.dropout, bcfg.drop_path = 0.0, 0.0  # frozen features: eval mode anyway; keeps the config honest
     protocol = Protocol(cfg.eval.clips, CENTER)
     identity = pretrained.identity if pretrained else scratch_identity(cfg)
     recipe = pretrained.recipe if pretrained else (source.name or SCRATCH)

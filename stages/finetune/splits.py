@@ -14,6 +14,11 @@ the same videos on every machine and a new seed a new draw.
 Class indices are positions in the dataset's class list (`datasets.classes`: classInd.txt
 order for UCF101, labels.json ids for SSv2, ...), so a model's output k means the same class
 in every split and every run.
+
+A token backbone reads the videos of one tokenizer's token shards (`select_split`); an ST-MAE
+reads pixels from the frame shards (`select_frame_split`). Both resolve the split, labels,
+few-shot draws and warnings with the same code, so the two families of one grid train and test
+on the same videos wherever both have them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from stages.config import ConfigError
+from stages.frames.read import FrameShard, frame_shards
 from stages.pretrain.data import TokenShard, token_shards
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -57,7 +63,7 @@ def few_shot(train: dict[str, int], video_ids: dict[str, str], k: int, seed: int
 
 @dataclass(frozen=True)
 class EvalVideo:
-    key: str  # "dataset/key", as the token shards name the sample
+    key: str  # "dataset/key", as the token (and frame) shards name the sample
     video_id: str
     label: str
     label_index: int
@@ -72,16 +78,16 @@ class SplitSelection:
     eval_split: str
     classes: list[str]
     flip_sensitive: bool
-    tokenizer: str
+    tokenizer: str  # "" for frame shards (an ST-MAE's pixels)
     train: dict[str, int]  # "dataset/key" -> class index
     eval: list[EvalVideo]
-    train_shards: list[TokenShard]
-    eval_shards: list[TokenShard]
+    train_shards: list[TokenShard] | list[FrameShard]
+    eval_shards: list[TokenShard] | list[FrameShard]
     warnings: list[str] = field(default_factory=list)
     base: str = ""  # the split whose evaluation videos these are ("1" for "10shot@1"); = split otherwise
 
     @property
-    def shards(self) -> list[TokenShard]:
+    def shards(self) -> list[TokenShard] | list[FrameShard]:
         return list({s.path: s for s in self.train_shards + self.eval_shards}.values())
 
 
@@ -128,12 +134,7 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
     (`seed` draws a few-shot split's training videos)."""
     shots, split = parse_few_shot(split)
     catalog = Catalog(root)
-    info = catalog.rows("SELECT classes, flip_sensitive FROM datasets WHERE dataset = ?", [dataset])
-    if not info:
-        raise ConfigError(f"dataset {dataset} is not in the catalog (ingest it first)")
-    classes, flip_sensitive = list(info[0][0] or []), bool(info[0][1])
-    if len(classes) < 2:
-        raise ConfigError(f"dataset {dataset} has {len(classes)} classes; fine-tuning needs a labeled dataset with at least 2")
+    classes, flip_sensitive = _dataset_info(catalog, dataset)
     if variant is None:
         variants = {v for (v,) in catalog.rows(
             "SELECT DISTINCT variant FROM token_samples WHERE dataset = ? AND tokenizer = ? AND status = 'ok'", [dataset, tokenizer])}
@@ -142,14 +143,74 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
         shards = token_shards(root, [dataset], tokenizer, size, variant=variant)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    sql = """SELECT t.key, t.video_id, t.shard, v.split, v.splits, v.label, v.status
-             FROM token_samples t JOIN videos v ON v.dataset = t.dataset AND v.video_id = t.video_id
-             WHERE t.dataset = ? AND t.status = 'ok' AND t.shard IN (SELECT unnest(?::VARCHAR[]))
+    return _select(catalog, dataset, split, shots, seed, classes, flip_sensitive, shards, _TOKENS, tokenizer)
+
+
+def frame_split_shards(root: DataRoot, dataset: str, *, size: int | None = None, variant: str | None = None) -> list[FrameShard]:
+    """The committed frame shards an ST-MAE cell of `dataset` reads: of `variant` (default
+    downstream if the dataset has it) and `size` (default the only one), one frames setting."""
+    found = [s for s in frame_shards(root, dataset, size=size) if s.n_ok > 0]
+    if variant is None:
+        variant = "downstream" if any(s.variant == "downstream" for s in found) else None
+    chosen = [s for s in found if variant is None or s.variant == variant]
+    if not chosen:
+        which = ", ".join(f"{k}={v}" for k, v in (("size", size), ("variant", variant)) if v is not None)
+        raise ConfigError(f"dataset {dataset} has no committed frame shards{f' with {which}' if which else ''} "
+                          "(run the frames stage on it first)")
+    settings = sorted({(s.variant, s.size, s.fps, s.config_hash) for s in chosen})
+    if len(settings) > 1:
+        listed = "; ".join(f"{v} {z}px {f:g} FPS (config {h[:8]})" for v, z, f, h in settings)
+        raise ConfigError(f"dataset {dataset} has frame shards of several settings ({listed}): set finetune data.size / "
+                          "data.variant, or remove the frames you no longer want")
+    return chosen
+
+
+def select_frame_split(root: DataRoot, dataset: str, split: str, *, size: int | None = None, variant: str | None = None,
+                       seed: int = 0) -> SplitSelection:
+    """As `select_split`, over the videos with committed frames (an ST-MAE reads pixels)."""
+    shots, split = parse_few_shot(split)
+    catalog = Catalog(root)
+    classes, flip_sensitive = _dataset_info(catalog, dataset)
+    shards = frame_split_shards(root, dataset, size=size, variant=variant)
+    return _select(catalog, dataset, split, shots, seed, classes, flip_sensitive, shards, _FRAMES, "")
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """Where a family's per-video rows are: a catalog view and what "usable" means there."""
+
+    table: str  # token_samples | frame_samples
+    usable: str  # SQL condition on the view's alias t
+    what: str  # adjective for messages: "tokenized", "framed"
+    missing: str  # why an ingested video has none
+
+
+_TOKENS = _Samples("token_samples", "t.status = 'ok'", "tokenized", "failed frames or tokenize")
+_FRAMES = _Samples("frame_samples", "t.status <> 'failed'", "framed", "failed frames")
+
+
+def _dataset_info(catalog: Catalog, dataset: str) -> tuple[list[str], bool]:
+    """(class list, flip-sensitive) of a labeled dataset; ConfigError for anything else."""
+    info = catalog.rows("SELECT classes, flip_sensitive FROM datasets WHERE dataset = ?", [dataset])
+    if not info:
+        raise ConfigError(f"dataset {dataset} is not in the catalog (ingest it first)")
+    classes, flip_sensitive = list(info[0][0] or []), bool(info[0][1])
+    if len(classes) < 2:
+        raise ConfigError(f"dataset {dataset} has {len(classes)} classes; fine-tuning needs a labeled dataset with at least 2")
+    return classes, flip_sensitive
+
+
+def _select(catalog: Catalog, dataset: str, split: str, shots: int | None, seed: int, classes: list[str], flip_sensitive: bool,
+            shards: list, samples: _Samples, tokenizer: str) -> SplitSelection:
+    """The split's videos among `shards` (rows of `samples`): labels, few-shot draw, warnings."""
+    sql = f"""SELECT t.key, t.video_id, t.shard, v.split, v.splits, v.label, v.status
+             FROM {samples.table} t JOIN videos v ON v.dataset = t.dataset AND v.video_id = t.video_id
+             WHERE t.dataset = ? AND {samples.usable} AND t.shard IN (SELECT unnest(?::VARCHAR[]))
              ORDER BY t.video_id"""
     rows = [(f"{dataset}/{k}", vid, shard, sp, sps, label, status)
             for k, vid, shard, sp, sps, label, status in catalog.rows(sql, [dataset, [s.path for s in shards]])]
     if not rows:
-        raise ConfigError(f"dataset {dataset} has no tokenized videos of {tokenizer}")
+        raise ConfigError(f"dataset {dataset} has no {samples.what} videos" + (f" of {tokenizer}" if tokenizer else ""))
     resolved, train_name, eval_name, set_index = _resolve_split(dataset, split, rows)
 
     def side(split_name: str | None, split_sets: list[str] | None) -> str | None:
@@ -185,9 +246,9 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
         warnings.append(f"{dataset}: {len(unknown)} videos have labels outside the class list and are left out: {_names(unknown)}")
     where = f"split {resolved}" if set_index is None else f"split set {resolved}"
     if not train:
-        raise ConfigError(f"dataset {dataset} has no tokenized training videos in {where} ({train_name})")
+        raise ConfigError(f"dataset {dataset} has no {samples.what} training videos in {where} ({train_name})")
     if not evaluation:
-        raise ConfigError(f"dataset {dataset} has no tokenized evaluation videos in {where} ({eval_name})")
+        raise ConfigError(f"dataset {dataset} has no {samples.what} evaluation videos in {where} ({eval_name})")
     trained = set(train.values())
     untrained = sorted({v.label for v in evaluation if v.label_index not in trained}, key=index.get)
     if untrained:
@@ -210,13 +271,14 @@ def select_split(root: DataRoot, dataset: str, split: str, tokenizer: str, *, si
         warnings.append(f"{dataset}, {where}: {len(absent)} classes of the class list have no training videos: {_names(absent)}")
     missing = catalog.rows(
         f"""SELECT count(*) FROM videos v WHERE v.dataset = ? AND v.status = 'ok' AND {'v.splits[?]' if set_index is not None else 'v.split'} = ?
-            AND NOT EXISTS (SELECT 1 FROM token_samples t WHERE t.dataset = v.dataset AND t.video_id = v.video_id
-                            AND t.status = 'ok' AND t.shard IN (SELECT unnest(?::VARCHAR[])))""",
+            AND NOT EXISTS (SELECT 1 FROM {samples.table} t WHERE t.dataset = v.dataset AND t.video_id = v.video_id
+                            AND {samples.usable} AND t.shard IN (SELECT unnest(?::VARCHAR[])))""",
         [dataset, *([set_index + 1] if set_index is not None else []), eval_name, [s.path for s in shards]],
     )[0][0]
     if missing:
-        warnings.append(f"{dataset}: {missing} ingested {eval_name} videos of {where} have no tokens (failed frames or "
-                        "tokenize) and are not evaluated")
+        noun = "tokens" if samples is _TOKENS else "frames"
+        warnings.append(f"{dataset}: {missing} ingested {eval_name} videos of {where} have no {noun} ({samples.missing}) "
+                        "and are not evaluated")
     train_paths = {r[2] for r in rows if r[0] in train}
     eval_paths = {v.shard for v in evaluation}
     suffix = f" of split set {base}" if set_index is not None else ""

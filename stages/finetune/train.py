@@ -12,6 +12,15 @@ on small datasets and 1.5x on large ones, as the paper does.
 It runs on the shared training engine (stages/engine.py), as pretraining does: `last.pt`
 every `checkpoint_every` steps with the loader position and RNG states, Ctrl-C stops at a step
 boundary, and a finished cell (its results rows exist) is not computed again unless forced.
+
+Two backbone families share this cell (issue 17): the VIMPAC transformer over token shards
+(here) and the ST-MAE encoder over pixel clips from the frame shards (stages/finetune/pixels.py),
+chosen by the checkpoint a grid row names (`checkpoint_family`). Both use the same head, the same
+training loop (`fit_classifier`: AdamW with optional layer-wise learning-rate decay, label
+smoothing, the learning checks) and write the same `results` rows. Stochastic depth
+(`model.drop_path`), layer decay (`train.layer_decay`) and label smoothing
+(`train.label_smoothing`) are HVM-1's fine-tuning regularisers; their defaults are off, which is
+the paper's recipe exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models.backbone import PRESETS as BACKBONES
 from models.backbone import BackboneConfig, load_state_resized
-from models.classifier import ClassifierConfig, VideoClassifier
+from models.classifier import ClassifierConfig, PixelClassifier, VideoClassifier
 from models.pretrain import PretrainModelConfig
 from stages.checkpoints import atomic_save, read_checkpoint, strip_prefixes
 from stages.config import PRESETS, ConfigError, FinetuneConfig, FinetuneTrain, build, config_hash
@@ -41,8 +50,11 @@ from stages.engine import Engine, Objective, adamw, compile_layers, schedule
 from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
 from stages.finetune.evaluate import EvalScores, score_videos
 from stages.finetune.splits import SplitSelection, dataset_tokenizers, select_split
+from stages.frames.read import FrameShard
 from stages.pretrain import distributed as D
 from stages.pretrain.data import ClipLoader, ClipSampling, TokenShard
+from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
+from stages.pretrain.pixels import FORMAT as PIXEL_FORMAT
 from stages.pretrain.train import FORMAT as PRETRAIN_FORMAT
 from stages.reporting import Reporter
 from warehouse.catalog import Catalog
@@ -58,6 +70,8 @@ FINETUNE = "finetune"  # the results' protocol of fine-tuned cells (probes: stag
 # (UCF101, HMDB51, Diving48) and 1.5x on large ones (SSv2, Kinetics: 169k and 240k videos).
 LARGE_DATASET = 50_000
 CHANCE_MARGIN = 0.02  # training accuracy within 2 points of chance over the first half: "learned nothing"
+TOKEN_FAMILY = "vimpac"  # the backbone families a grid row can name (the pretrain checkpoint's format says which)
+FAMILIES = {PRETRAIN_FORMAT: TOKEN_FAMILY, PIXEL_FORMAT: PIXEL_FAMILY}
 
 
 @dataclass
@@ -138,6 +152,33 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
+def checkpoint_family(checkpoint: Path) -> str:
+    """The backbone family of a pretrain checkpoint (file, run folder or registry download):
+    vimpac (token shards) or st_mae (pixels), from its format, reading no weights (memory-mapped).
+    ValueError naming the file for anything else."""
+    path = _checkpoint_file(Path(checkpoint))
+    if not path.is_file():
+        raise ValueError(f"pretrain checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any load error means "not a readable checkpoint"
+        raise ValueError(f"pretrain checkpoint {path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt not in FAMILIES:
+        raise ValueError(f"{path} is neither a {PRETRAIN_FORMAT} nor a {PIXEL_FORMAT} checkpoint (format {fmt!r})")
+    return FAMILIES[fmt]
+
+
+def source_family(source: ModelSource) -> str:
+    """A grid row's family: scratch is the token backbone; a checkpoint says (ConfigError otherwise)."""
+    if source.scratch:
+        return TOKEN_FAMILY
+    try:
+        return checkpoint_family(Path(source.checkpoint))
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"model {source.ref}: {e}") from None
+
+
 def load_pretrained_backbone(source: ModelSource) -> _Pretrained:
     path = _checkpoint_file(Path(source.checkpoint))
     try:
@@ -212,7 +253,7 @@ def _model_config(cfg: FinetuneConfig, selection: SplitSelection, pretrained: _P
         backbone = BACKBONES[cfg.model.scratch_preset]()
         backbone.n_codes = n_codes
     backbone.frames = cfg.data.frames or backbone.frames
-    backbone.grid, backbone.dropout = gh, cfg.model.dropout
+    backbone.grid, backbone.dropout, backbone.drop_path = gh, cfg.model.dropout, cfg.model.drop_path
     try:
         backbone.__post_init__()
         return ClassifierConfig(backbone, n_classes=len(selection.classes), head_dropout=cfg.model.head_dropout, pool=cfg.model.pool,
@@ -227,7 +268,7 @@ def protocol_for(cfg: FinetuneConfig, flip_sensitive: bool) -> Protocol:
     return Protocol(cfg.eval.clips, CROPS3 if cfg.eval.crops == "three" else CENTER)
 
 
-def _fingerprint(shards: list[TokenShard]) -> str:
+def _fingerprint(shards: list[TokenShard] | list[FrameShard]) -> str:
     return hashlib.sha256("\n".join(sorted(s.path for s in shards)).encode()).hexdigest()
 
 
@@ -290,6 +331,10 @@ def finetune_cell(root: DataRoot, source: ModelSource, dataset: str, split: str,
 
 def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: FinetuneConfig, preset: str, grid: str,
           reporter: Reporter, force: bool, run_id: str | None, max_steps: int | None, info: D.DistInfo) -> CellResult:
+    if source_family(source) == PIXEL_FAMILY:
+        from stages.finetune.pixels import pixel_cell  # the pixel family's module builds on this one
+
+        return pixel_cell(root, source, dataset, split, cfg, preset, grid, reporter, force, run_id, max_steps, info)
     pretrained = None if source.scratch else load_pretrained_backbone(source)
     tokenizer = _tokenizer(root, dataset, cfg, pretrained, source.ref)
     selection = select_split(root, dataset, split, tokenizer, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
@@ -308,34 +353,14 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
                         {}, False, n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
                         view_protocol=protocol.name, seed=cfg.train.seed)
     where = f"{recipe} on {dataset} split {selection.split} ({ft_recipe})"
-
-    if not force and (done := existing_results(root, eval_id)):
-        reporter.info(f"{where}: already evaluated (eval {eval_id}): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(done.items())))
-        result.metrics, result.cached = done, True
-        final = root.home / "checkpoints" / "finetune" / run_key / "final.pt"
-        result.checkpoint = final if final.exists() else None
+    if not force and found_evaluated(root, result, where, reporter):
         return result
-
-    run_dir = root.home / "checkpoints" / "finetune" / run_key
-    final, last = run_dir / "final.pt", run_dir / "last.pt"
-    # --force trains afresh, but the previous final model and results stay until the new ones
-    # replace them: an interrupted forced run loses nothing that was good.
-    if force and info.is_main:
-        last.unlink(missing_ok=True)
-    D.barrier()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for partial in run_dir.glob(".*.partial"):
-            partial.unlink(missing_ok=True)
-
+    run_dir, final, last = prepare_run_dir(root, run_key, force, info)
     if final.exists() and not force:
         ckpt = read_checkpoint(final, FORMAT, "fine-tune")
         model = VideoClassifier(ClassifierConfig.from_dict(dict(ckpt["model_config"])))
         model.load_state_dict(strip_prefixes(ckpt["model"]))
-        result.steps = int(ckpt["metadata"]["steps"])
-        result.train_per_class = dict(ckpt["metadata"].get("train_acc_per_class") or {})
-        result.warnings += [w for w in ckpt["metadata"].get("warnings") or [] if w not in result.warnings]
-        reporter.info(f"{where}: fine-tuned model found ({final}); evaluating")
+        restore_finished(result, ckpt, final, where, reporter)
     else:
         watch: dict = {}
         model, result.steps, finished = _train(root, selection, ccfg, cfg, pretrained, reporter, info, run_key, where, last, max_steps,
@@ -344,85 +369,172 @@ def _cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: Fi
             result.checkpoint = last
             return result
         result.train_per_class = watch.get("per_class") or {}
-        metadata = {"run_key": run_key, "steps": result.steps, "dataset": dataset, "split": selection.split, "classes": selection.classes,
-                    "train_acc_per_class": result.train_per_class, "warnings": result.warnings,
-                    "tokenizer": tokenizer, "pretrain": pretrain_identity, "pretrain_ref": source.ref, "recipe": recipe,
-                    "finetune_recipe": ft_recipe, "shards": [s.path for s in selection.shards], "config": cfg.model_dump(mode="json")}
-        if info.is_main:
-            atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
-                         "model_config": ccfg.to_dict(), "metadata": metadata}, final)
-            last.unlink(missing_ok=True)
-        D.barrier()
+        save_finished(info, model, ccfg.to_dict(), final, last, result, selection, cfg, source,
+                      {"tokenizer": tokenizer, "pretrain": pretrain_identity, "recipe": recipe})
     result.checkpoint = final
 
     amp = cfg.train.amp and info.device.type == "cuda"
     model.to(info.device)
     scores = score_videos(model, root, selection, protocol, clip_len=frames, pad_id=ccfg.backbone.pad_id, device=info.device, amp=amp,
                           batch_size=cfg.eval.batch_size, rank=info.rank, world=info.world_size)
+    finish_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter, cfg.train.seed, info, where)
+    return result
+
+
+def found_evaluated(root: DataRoot, result: CellResult, where: str, reporter: Reporter) -> bool:
+    """Fill `result` from the catalog when its evaluation exists (a cached cell); False otherwise."""
+    done = existing_results(root, result.eval_id)
+    if not done:
+        return False
+    reporter.info(f"{where}: already evaluated (eval {result.eval_id}): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(done.items())))
+    result.metrics, result.cached = done, True
+    final = root.home / "checkpoints" / "finetune" / result.run_key / "final.pt"
+    result.checkpoint = final if final.exists() else None
+    return True
+
+
+def prepare_run_dir(root: DataRoot, run_key: str, force: bool, info: D.DistInfo) -> tuple[Path, Path, Path]:
+    """The cell's folder, its final.pt and last.pt. --force trains afresh, but the previous final
+    model and results stay until the new ones replace them: an interrupted forced run loses
+    nothing that was good."""
+    run_dir = root.home / "checkpoints" / "finetune" / run_key
+    final, last = run_dir / "final.pt", run_dir / "last.pt"
+    if force and info.is_main:
+        last.unlink(missing_ok=True)
+    D.barrier()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for partial in run_dir.glob(".*.partial"):
+            partial.unlink(missing_ok=True)
+    return run_dir, final, last
+
+
+def restore_finished(result: CellResult, ckpt: dict, final: Path, where: str, reporter: Reporter) -> None:
+    """A fine-tuned model found on disk (its evaluation was not): its steps, per-class accuracy, warnings."""
+    result.steps = int(ckpt["metadata"]["steps"])
+    result.train_per_class = dict(ckpt["metadata"].get("train_acc_per_class") or {})
+    result.warnings += [w for w in ckpt["metadata"].get("warnings") or [] if w not in result.warnings]
+    reporter.info(f"{where}: fine-tuned model found ({final}); evaluating")
+
+
+def save_finished(info: D.DistInfo, model: torch.nn.Module, model_config: dict, final: Path, last: Path, result: CellResult,
+                  selection: SplitSelection, cfg: FinetuneConfig, source: ModelSource, extra: dict) -> None:
+    """final.pt (the fine-tuned model, its config and the cell's metadata) replaces last.pt."""
+    metadata = {"run_key": result.run_key, "steps": result.steps, "dataset": selection.dataset, "split": selection.split,
+                "classes": selection.classes, "train_acc_per_class": result.train_per_class, "warnings": result.warnings,
+                "pretrain_ref": source.ref, "finetune_recipe": result.finetune_recipe, "shards": [s.path for s in selection.shards],
+                "config": cfg.model_dump(mode="json"), **extra}
+    if info.is_main:
+        atomic_save({"format": FORMAT, "kind": "final", "model": strip_prefixes(model.state_dict()),
+                     "model_config": model_config, "metadata": metadata}, final)
+        last.unlink(missing_ok=True)
+    D.barrier()
+
+
+def finish_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, protocol: Protocol,
+                      source: ModelSource, grid: str, run_id: str | None, run_dir: Path, reporter: Reporter, seed: int,
+                      info: D.DistInfo, where: str) -> None:
+    """Report unreadable videos, then (rank 0) write the cell's results, predictions and plots."""
     for error in scores.errors:
         reporter.warning(f"evaluation: {error}")
     if not scores.videos:
         raise ValueError(f"{where}: none of the {len(selection.eval)} evaluation videos could be scored: {'; '.join(scores.errors[:3])}")
     if info.is_main:
-        result.metrics = _write_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter, cfg.train.seed)
+        result.metrics = _write_evaluation(root, result, selection, scores, protocol, source, grid, run_id, run_dir, reporter, seed)
         result.n_eval = len(scores.videos)
         reporter.metrics({f"eval_{k}": v for k, v in result.metrics.items()}, step=result.steps)
         reporter.info(f"{where}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
                       + f" over {len(scores.videos)} videos ({protocol.describe()})")
     D.barrier()
-    return result
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How long a cell trains: steps per epoch of this world, optimizer steps, warm-up steps."""
+
+    batches_per_epoch: int
+    total_steps: int
+    warmup: int
+
+
+def training_plan(cfg: FinetuneConfig, n_train: int, world: int, factor: float = 1.0) -> TrainingPlan:
+    """`factor` x train.epochs over `n_train` videos in batches of batch_size x world, k accumulated."""
+    batches_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * world)))
+    total_steps = max(1, math.ceil(cfg.train.epochs * factor * batches_per_epoch / cfg.train.accumulate))
+    warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+    return TrainingPlan(batches_per_epoch, total_steps, warmup)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators: the classifier's initialisation and dropout."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cfg: FinetuneConfig, pretrained: _Pretrained | None,
            reporter: Reporter, info: D.DistInfo, run_key: str, where: str, last: Path,
            max_steps: int | None, watch: dict, warnings: list[str]) -> tuple[VideoClassifier, int, bool]:
-    """Fine-tune; `watch` receives the learning checks (first-half accuracy, per-class accuracy at
-    the end), `warnings` what the user must see."""
+    """Fine-tune the token backbone; `watch` receives the learning checks (first-half accuracy,
+    per-class accuracy at the end), `warnings` what the user must see."""
     world, device = info.world_size, info.device
-    classes = selection.classes
     n_train = len(selection.train)
     factor = 1.0 if pretrained else (cfg.train.scratch_factor or (4.0 if n_train < LARGE_DATASET else 1.5))
-    batches_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * world)))
-    k = cfg.train.accumulate
-    total_steps = max(1, math.ceil(cfg.train.epochs * factor * batches_per_epoch / k))
-    warmup = int(cfg.train.warmup * total_steps) if cfg.train.warmup < 1 else int(cfg.train.warmup)
+    plan = training_plan(cfg, n_train, world, factor)
     large = (pretrained.preset if pretrained else cfg.model.scratch_preset) == "large_half"
     lr = cfg.train.lr or (5e-5 if large else 1e-4)  # Table 4
-    amp = cfg.train.amp and device.type == "cuda"
 
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed % 2**32)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model = VideoClassifier(ccfg)
     if pretrained is not None:
         try:
             load_state_resized(model.backbone, pretrained.state)
         except (ValueError, KeyError) as e:
             raise ConfigError(f"{where}: {e}") from None
-    model.to(device)
-    optimizer = adamw(model, lr=lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay, device=device)
-    scheduler = schedule(optimizer, first_step=0, warmup=warmup, total=total_steps)
     loader = ClipLoader(root, selection.train_shards, ClipSampling(n_frames=ccfg.backbone.frames, view=None, clips=1),
-                        batch_size=cfg.train.batch_size, batches_per_epoch=batches_per_epoch, pad_id=ccfg.backbone.pad_id,
+                        batch_size=cfg.train.batch_size, batches_per_epoch=plan.batches_per_epoch, pad_id=ccfg.backbone.pad_id,
                         seed=cfg.train.seed, rank=info.rank, world_size=world, num_workers=cfg.data.workers,
                         shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=device.type == "cuda", labels=selection.train)
-    objective = _FinetuneRunObjective(model, n_classes=ccfg.n_classes, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
-                                      amp=amp, device=device, world=world, where=where, reporter=reporter, watch=watch,
-                                      warnings=warnings)
+    scratch = f" (from scratch: {factor:g}x the epochs)" if pretrained is None else ""
+    return fit_classifier(model, ccfg.to_dict(), loader, plan, cfg, lr=lr, classes=selection.classes, n_train=n_train,
+                          backbone_params=model.backbone.num_params(), reporter=reporter, info=info, run_key=run_key, where=where,
+                          last=last, max_steps=max_steps, watch=watch, warnings=warnings, note=scratch)
+
+
+def fit_classifier(model: VideoClassifier | PixelClassifier, model_config: dict, loader, plan: TrainingPlan, cfg: FinetuneConfig, *,
+                   lr: float, classes: list[str], n_train: int, backbone_params: int, reporter: Reporter, info: D.DistInfo,
+                   run_key: str, where: str, last: Path, max_steps: int | None, watch: dict, warnings: list[str],
+                   note: str = "") -> tuple[torch.nn.Module, int, bool]:
+    """The training both families share, on the engine: AdamW (layer-wise decay when
+    train.layer_decay < 1), warm-up + linear decay, label-smoothed cross-entropy, the learning
+    checks, then precise head statistics. `loader.epoch(epoch, skip_batches=)` gives batches
+    with "labels" and the model's input ("tokens" or "videos"). Returns (model, step, finished)."""
+    world, device = info.world_size, info.device
+    k = cfg.train.accumulate
+    amp = cfg.train.amp and device.type == "cuda"
+    model.to(device)
+    optimizer = adamw(model, lr=lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay, device=device,
+                      layer_decay=cfg.train.layer_decay, layer_of=model.layer_id, n_layers=model.n_layers,
+                      no_decay=model.no_weight_decay())
+    scheduler = schedule(optimizer, first_step=0, warmup=plan.warmup, total=plan.total_steps)
+    objective = _FinetuneRunObjective(model, n_classes=len(classes), total_steps=plan.total_steps,
+                                      batches_per_epoch=plan.batches_per_epoch, amp=amp, device=device, world=world, where=where,
+                                      reporter=reporter, watch=watch, warnings=warnings, label_smoothing=cfg.train.label_smoothing)
     engine = Engine(model, optimizer, scheduler, objective, info=info, reporter=reporter, amp=amp, grad_clip=cfg.train.grad_clip,
                     accumulate=k, last=last, what="fine-tune", log_every=cfg.train.log_every,
-                    checkpoint_every=cfg.train.checkpoint_every, batches_per_epoch=batches_per_epoch,
+                    checkpoint_every=cfg.train.checkpoint_every, batches_per_epoch=plan.batches_per_epoch,
                     checkpoint_header={"format": FORMAT, "code_version": CODE_VERSION, "run_key": run_key,
-                                       "model_config": ccfg.to_dict()})
+                                       "model_config": model_config})
+    total_steps = plan.total_steps
     if engine.resume():
         reporter.info(f"{where}: resuming at step {engine.step}/{total_steps}")
     else:
-        scratch = f" (from scratch: {factor:g}x the epochs)" if pretrained is None else ""
-        reporter.info(f"{where}: fine-tuning {model.backbone.num_params() / 1e6:.1f}M parameters for {total_steps} steps of "
-                      f"{cfg.train.batch_size}x{world}x{k} videos{scratch}; {n_train} training videos, {len(selection.classes)} classes, "
-                      f"lr {lr:g} on {device} ({run_key})")
+        decay = f", layer decay {cfg.train.layer_decay:g}" if cfg.train.layer_decay != 1.0 else ""
+        reporter.info(f"{where}: fine-tuning {backbone_params / 1e6:.1f}M parameters for {total_steps} steps of "
+                      f"{cfg.train.batch_size}x{world}x{k} videos{note}; {n_train} training videos, {len(classes)} classes, "
+                      f"lr {lr:g}{decay} on {device} ({run_key})")
     if cfg.train.compile:
-        compile_layers(model.backbone.layers)
+        compile_layers(model.layers)
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     step = engine.run(first_step=0, end_step=total_steps, stop_at=stop_at, label=f"fine-tune {where}",
                       epochs=lambda epoch, skip: loader.epoch(epoch, skip_batches=skip))
@@ -437,7 +549,7 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
         reporter.metrics({f"train_acc_class/{name}": acc for name, acc in watch["per_class"].items() if acc is not None}, step=step)
         reporter.info(f"{where}: training accuracy per class over the last {total_steps - objective.tail_from} steps: "
                       + ", ".join(f"{name} {acc:.2f}" if acc is not None else f"{name} -" for name, acc in watch["per_class"].items()))
-    used = recompute_head_statistics(model, loader.epoch(engine.epoch + 1), max(1, min(batches_per_epoch, 50)), device, amp)
+    used = recompute_head_statistics(model, loader.epoch(engine.epoch + 1), max(1, min(plan.batches_per_epoch, 50)), device, amp)
     if used:
         reporter.info(f"{where}: head BatchNorm statistics re-estimated on {used} training batches (eval mode)")
     return model, step, True
@@ -446,17 +558,23 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
 COLLAPSE_FACTOR = 5.0
 
 
+def model_input(batch: dict) -> torch.Tensor:
+    """The one clip per video a classifier reads from a fine-tuning batch: token clips
+    (B, T, H, W) of the token loader, or normalised pixel clips (B, 3, T, S, S)."""
+    return batch["tokens"][:, 0] if "tokens" in batch else batch["videos"]
+
+
 @torch.no_grad()
-def feature_spread(model: VideoClassifier, tokens: torch.Tensor, amp: bool) -> float:
+def feature_spread(model: VideoClassifier | PixelClassifier, clips: torch.Tensor, amp: bool) -> float:
     """The pooled feature's per-feature std over a batch of clips, averaged over features, in
-    eval mode (dropout off: in training mode its noise alone keeps the spread up). 0 for a batch
-    of one."""
-    if tokens.shape[0] < 2:
+    eval mode (dropout and drop path off: in training mode their noise alone keeps the spread
+    up). 0 for a batch of one."""
+    if clips.shape[0] < 2:
         return 0.0
     model.eval()
     try:
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=amp):
-            feature = model.features(tokens)  # (B, D)
+        with torch.autocast(clips.device.type, dtype=torch.bfloat16, enabled=amp):
+            feature = model.features(clips)  # (B, D)
         return float(feature.float().std(0).mean())
     finally:
         model.train()
@@ -497,11 +615,19 @@ def chance_check(first_half: torch.Tensor, n_classes: int, steps: int, where: st
 
 class ClassificationObjective(Objective):
     """Fine-tuning on the engine: cross-entropy summed and divided by the global batch's video
-    count, so accumulation and DDP equal one large batch. Figures: loss sum, correct, and
-    per-class (2, C) [correct, videos] counts of this rank."""
+    count, so accumulation and DDP equal one large batch. `label_smoothing` e puts 1 - e + e / C
+    of the target on the label and e / C on every other class (mae_st/HVM-1 fine-tune with 0.1);
+    0 is the plain cross-entropy. Figures: loss sum, correct, and per-class (2, C) [correct,
+    videos] counts of this rank."""
 
-    def __init__(self, n_classes: int):
+    def __init__(self, n_classes: int, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.n_classes = n_classes
+        self.label_smoothing = label_smoothing
+
+    def count(self, batch: dict) -> int:
+        return int(batch["labels"].numel())
 
     def step_context(self, net: torch.nn.Module, micro_batches: list[dict], device: torch.device) -> torch.Tensor:
         world = torch.distributed.get_world_size() if isinstance(net, DistributedDataParallel) else 1
@@ -509,8 +635,8 @@ class ClassificationObjective(Objective):
         return D.all_reduce_sum(torch.tensor([local], device=device)) / world
 
     def loss(self, net: torch.nn.Module, batch: dict, norm: torch.Tensor, k: int) -> tuple[torch.Tensor, dict]:
-        logits = net(batch["tokens"][:, 0])  # (B, C): the batch's one clip per video
-        ce = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        logits = net(model_input(batch))  # (B, C): the batch's one clip per video
+        ce = F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=self.label_smoothing)
         hits = logits.detach().argmax(-1) == batch["labels"]
         labels = batch["labels"].cpu()
         per_class = torch.zeros(2, self.n_classes, dtype=torch.float64)
@@ -528,9 +654,10 @@ class _FinetuneRunObjective(ClassificationObjective):
     over the first half of the run against chance, per-class accuracy over the last epoch's worth
     of steps (at least one), and the pooled features' spread at every log step."""
 
-    def __init__(self, model: VideoClassifier, *, n_classes: int, total_steps: int, batches_per_epoch: int, amp: bool,
-                 device: torch.device, world: int, where: str, reporter: Reporter, watch: dict, warnings: list[str]):
-        super().__init__(n_classes)
+    def __init__(self, model: VideoClassifier | PixelClassifier, *, n_classes: int, total_steps: int, batches_per_epoch: int,
+                 amp: bool, device: torch.device, world: int, where: str, reporter: Reporter, watch: dict, warnings: list[str],
+                 label_smoothing: float = 0.0):
+        super().__init__(n_classes, label_smoothing)
         self.model, self.amp, self.device, self.world, self.where, self.reporter = model, amp, device, world, where, reporter
         self.half, self.tail_from = total_steps // 2, max(0, total_steps - max(1, batches_per_epoch))
         self.watch, self.warnings = watch, warnings
@@ -548,7 +675,7 @@ class _FinetuneRunObjective(ClassificationObjective):
                          self.reporter, self.warnings)
 
     def at_log(self, micro_batches: list[dict]) -> dict[str, float]:
-        return {"feature_spread": feature_spread(self.model, micro_batches[0]["tokens"][:, 0], self.amp)}
+        return {"feature_spread": feature_spread(self.model, model_input(micro_batches[0]), self.amp)}
 
     def summarise(self, sums: dict[str, float], base: dict[str, float]) -> dict[str, float]:
         return {**super().summarise(sums, base), "feature_spread": sums["feature_spread"] / self.world}
@@ -567,7 +694,7 @@ class _FinetuneRunObjective(ClassificationObjective):
 
 
 @torch.no_grad()
-def recompute_head_statistics(model: VideoClassifier, batches, n_batches: int, device: torch.device, amp: bool) -> int:
+def recompute_head_statistics(model: VideoClassifier | PixelClassifier, batches, n_batches: int, device: torch.device, amp: bool) -> int:
     """Precise BatchNorm (SlowFast's precise BN): the head's running mean and variance become the
     exact statistics of the final model's features (eval mode: no dropout) over `n_batches`
     training batches, summed over all ranks, instead of a momentum average of features from
@@ -581,9 +708,9 @@ def recompute_head_statistics(model: VideoClassifier, batches, n_batches: int, d
     for batch in batches:
         if used >= n_batches:
             break
-        tokens = batch["tokens"][:, 0].to(device)
+        clips = model_input(batch).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feature = model.features(tokens).double()  # (B, D)
+            feature = model.features(clips).double()  # (B, D)
         total += torch.cat([feature.sum(0), (feature * feature).sum(0), feature.new_tensor([feature.shape[0]])])
         used += 1
     total = D.all_reduce_sum(total)
@@ -601,7 +728,9 @@ def write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelecti
                      view_protocol: str, model_ref: str, grid: str, run_id: str | None, seed: int | None) -> dict[str, float]:
     """Predictions first, then the results file (the evaluation's commit marker). `method` is
     the results' `protocol` (finetune, linear_probe:cls, ..., bag_of_codes), `view_protocol`
-    the test-time views the scores average over. Returns the metrics."""
+    the test-time views the scores average over. For an ST-MAE the `token_shards` /
+    `token_shard` columns hold the frame shards it read and `tokenizer` is empty: the columns
+    name each family's inputs. Returns the metrics."""
     classes = selection.classes
     # One stored "view" is a probe's score for the whole video (its features already average the views).
     probs = scores.scores[:, 0].astype(np.float64) if len(scores.views) == 1 else fuse(scores.scores, scores.views)
@@ -619,7 +748,7 @@ def write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelecti
     write_rows("predictions", predictions, base / "predictions" / selection.dataset / f"{result.eval_id}.parquet")
     common = {
         "eval_id": result.eval_id, "dataset": selection.dataset, "split": selection.split, "pretrain_run": result.pretrain_run,
-        "finetune_run": result.run_key if method == FINETUNE else None, "tokenizer": selection.tokenizer, "protocol": method,
+        "finetune_run": result.run_key if method == FINETUNE else None, "tokenizer": selection.tokenizer or None, "protocol": method,
         "view_protocol": view_protocol, "seed": seed, "n_train": result.n_train, "pretrain_model": model_ref,
         "pretrain_recipe": result.pretrain_recipe, "finetune_recipe": result.finetune_recipe if method == FINETUNE else None,
         "grid": grid or None, "eval_split": selection.eval_split, "train_split": selection.train_split, "n_videos": len(scores.videos),

@@ -100,6 +100,11 @@ def pixel_run(root: DataRoot, datasets: list[str], cfg: PixelPretrainConfig, wor
                     shards=shards)
 
 
+def normalise(clip: torch.Tensor) -> torch.Tensor:
+    """(3, T, S, S) in [0, 1] -> ImageNet-normalised, as mae_st and HVM-1 feed their ViTs."""
+    return (clip - MEAN[:, None, None, None]) / STD[:, None, None, None]
+
+
 def sample_clip(frames: np.ndarray, n: int, step: int, scale: tuple[float, float], size: int,
                 generator: torch.Generator) -> torch.Tensor:
     """One (3, n, size, size) normalised clip from a (T, S, S, 3) uint8 video: n frames `step`
@@ -119,7 +124,7 @@ def sample_clip(frames: np.ndarray, n: int, step: int, scale: tuple[float, float
     left = int(torch.randint(0, s - w + 1, (1,), generator=generator))
     crop = clip[:, :, top : top + h, left : left + w].transpose(0, 1)  # (n, 3, h, w)
     crop = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True).transpose(0, 1)
-    return (crop - MEAN[:, None, None, None]) / STD[:, None, None, None]
+    return normalise(crop)
 
 
 class PixelClips:
