@@ -42,14 +42,13 @@ from models.st_mae import STMAEConfig, STMAEEncoder, load_encoder_state
 from stages.checkpoints import read_checkpoint, strip_prefixes
 from stages.config import ConfigError, FinetuneConfig, config_hash
 from stages.evaluate.metrics import CENTER, Protocol, clip_starts
-from stages.evaluate.probes import KNN_K, KNN_TEMPERATURE, fit_linear_probe, knn_proba
+from stages.evaluate.probes import KNN_K
 from stages.finetune.evaluate import EvalScores
-from stages.finetune.probe import PROBE_METHODS, VideoFeatures, _scores
+from stages.finetune.probe import PROBE_METHODS, VideoFeatures, fit_probes, found_probed
 from stages.finetune.splits import EvalVideo, SplitSelection, select_frame_split
 from stages.finetune.train import (FINETUNE, FORMAT, CellResult, ModelSource, _checkpoint_file, _fingerprint, _model_identity,
-                                   existing_results, finetune_recipe, finish_evaluation, fit_classifier, found_evaluated,
-                                   prepare_run_dir, protocol_for, restore_finished, save_finished, seed_everything, training_plan,
-                                   write_evaluation)
+                                   finetune_recipe, finish_evaluation, fit_classifier, found_evaluated, prepare_run_dir,
+                                   protocol_for, restore_finished, save_finished, seed_everything, training_plan)
 from stages.frames.encoding import decode_view, extension
 from stages.frames.read import FrameShard
 from stages.pretrain import distributed as D
@@ -532,10 +531,7 @@ def pixel_probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: 
                           n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
                           view_protocol=protocol.name, seed=seed, code_version=PROBE_VERSION)
                for name, eval_id in pixel_probe_eval_ids(cfg, pretrained.identity, dataset, selection, encoder_cfg, methods)]
-    if not force and all(done := [existing_results(root, r.eval_id) for r in results]):
-        for r, metrics in zip(results, done):
-            r.metrics, r.cached = metrics, True
-        reporter.info(f"{where}: already evaluated (" + ", ".join(f"{r.protocol} top1 {r.metrics.get('top1', 0):.3f}" for r in results) + ")")
+    if not force and found_probed(root, results, where, reporter):
         return results
 
     device = device or torch.device("cpu")
@@ -550,25 +546,6 @@ def pixel_probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: 
     kwargs = dict(frame_step=pretrained.frame_step, device=device, amp=amp, batch_size=cfg.eval.batch_size, errors=errors)
     train = extract_pixel_features(encoder, root, selection, selection.train, protocol, **kwargs)
     test = extract_pixel_features(encoder, root, selection, {v.key: v for v in selection.eval}, protocol, **kwargs)
-    for error in errors:
-        reporter.warning(f"{where}: {error}")
-    if not len(train.keys) or not len(test.keys):
-        raise ValueError(f"{where}: no {'training' if not len(train.keys) else 'evaluation'} video could be read: {'; '.join(errors[:3])}")
-    n_classes = len(selection.classes)
-    for result in results:
-        method, pool = result.protocol.split(":")
-        x_train, x_test = train.pooled[pool], test.pooled[pool]
-        if method == "linear_probe":
-            probe = fit_linear_probe(x_train, train.labels, n_classes)
-            probs = probe.predict_proba(x_test)
-            note = f"train accuracy {probe.train_accuracy:.3f}"
-        else:
-            probs = knn_proba(x_train, train.labels, x_test, n_classes, k=KNN_K, temperature=KNN_TEMPERATURE)
-            note = f"k={min(KNN_K, len(train.keys))}"
-        scores = _scores(selection, test.keys, probs, f"features:{protocol.name}")
-        result.metrics = write_evaluation(root, result, selection, scores, method=result.protocol, view_protocol=protocol.name,
-                                          model_ref=source.ref, grid=grid, run_id=run_id, seed=seed)
-        reporter.metrics({f"{result.protocol}/{k}": v for k, v in result.metrics.items()})
-        reporter.info(f"{where}: {result.protocol} top1 {result.metrics['top1']:.3f} over {len(test.keys)} videos "
-                      f"({len(train.keys)} training videos, {note})")
+    fit_probes(root, results, train, test, errors, selection, protocol, source=source, grid=grid, run_id=run_id, seed=seed,
+               reporter=reporter, where=where)
     return results

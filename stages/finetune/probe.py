@@ -153,10 +153,7 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
         results.append(CellResult(eval_id, "", dataset, selection.split, recipe, identity, None, tokenizer, name, {}, False,
                                   n_train=len(selection.train), n_eval=len(selection.eval), warnings=list(selection.warnings),
                                   view_protocol=protocol.name, seed=seed, code_version=PROBE_VERSION))
-    if not force and all(done := [existing_results(root, r.eval_id) for r in results]):
-        for r, metrics in zip(results, done):
-            r.metrics, r.cached = metrics, True
-        reporter.info(f"{where}: already evaluated (" + ", ".join(f"{r.protocol} top1 {r.metrics.get('top1', 0):.3f}" for r in results) + ")")
+    if not force and found_probed(root, results, where, reporter):
         return results
 
     device = device or torch.device("cpu")
@@ -173,6 +170,27 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
     kwargs = dict(clip_len=bcfg.frames, device=device, amp=amp, batch_size=cfg.eval.batch_size, errors=errors)
     train = extract_features(backbone, root, selection, selection.train, protocol, **kwargs)
     test = extract_features(backbone, root, selection, {v.key: v for v in selection.eval}, protocol, **kwargs)
+    fit_probes(root, results, train, test, errors, selection, protocol, source=source, grid=grid, run_id=run_id, seed=seed,
+               reporter=reporter, where=where)
+    return results
+
+
+def found_probed(root: DataRoot, results: list[CellResult], where: str, reporter: Reporter) -> bool:
+    """Fill `results` from the catalog when every one of them was evaluated (a cached cell)."""
+    done = [existing_results(root, r.eval_id) for r in results]
+    if not all(done):
+        return False
+    for r, metrics in zip(results, done):
+        r.metrics, r.cached = metrics, True
+    reporter.info(f"{where}: already evaluated (" + ", ".join(f"{r.protocol} top1 {r.metrics.get('top1', 0):.3f}" for r in results) + ")")
+    return True
+
+
+def fit_probes(root: DataRoot, results: list[CellResult], train: VideoFeatures, test: VideoFeatures, errors: list[str],
+               selection: SplitSelection, protocol: Protocol, *, source: ModelSource, grid: str, run_id: str | None, seed: int,
+               reporter: Reporter, where: str) -> None:
+    """Every probe of `results` (`linear_probe:POOL`, `knn:POOL`) on the frozen features of the
+    training and evaluation videos, written as results rows; both backbone families end here."""
     for error in errors:
         reporter.warning(f"{where}: {error}")
     if not len(train.keys) or not len(test.keys):
@@ -194,7 +212,6 @@ def probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: str, c
         reporter.metrics({f"{result.protocol}/{k}": v for k, v in result.metrics.items()})
         reporter.info(f"{where}: {result.protocol} top1 {result.metrics['top1']:.3f} over {len(test.keys)} videos "
                       f"({len(train.keys)} training videos, {note})")
-    return results
 
 
 def bag_of_codes_cell(root: DataRoot, dataset: str, split: str, cfg: FinetuneConfig, *, grid: str = "", reporter: Reporter | None = None,
