@@ -88,6 +88,13 @@ def score_videos(model: torch.nn.Module, root: DataRoot, selection: SplitSelecti
             flush()
     flush()
 
+    return gather_scores(selection, done, errors, views, per_video, world)
+
+
+def gather_scores(selection: SplitSelection, done: dict[str, np.ndarray], errors: list[str], views: list[str], per_video: int,
+                  world: int) -> EvalScores:
+    """Every rank's per-video view scores (and errors) gathered, in the split's evaluation order;
+    both backbone families end their multi-view evaluation here."""
     if world > 1:
         gathered: list = [None] * world
         torch.distributed.all_gather_object(gathered, (done, errors))

@@ -43,7 +43,7 @@ from stages.checkpoints import read_checkpoint, strip_prefixes
 from stages.config import ConfigError, FinetuneConfig, config_hash
 from stages.evaluate.metrics import CENTER, Protocol, clip_starts
 from stages.evaluate.probes import KNN_K
-from stages.finetune.evaluate import EvalScores
+from stages.finetune.evaluate import EvalScores, gather_scores
 from stages.finetune.probe import PROBE_METHODS, VideoFeatures, fit_probes, found_probed
 from stages.finetune.splits import EvalVideo, SplitSelection, select_frame_split
 from stages.finetune.train import (FINETUNE, FORMAT, CellResult, ModelSource, _checkpoint_file, _fingerprint, _model_identity,
@@ -363,15 +363,7 @@ def score_pixel_videos(model: PixelClassifier, root: DataRoot, selection: SplitS
             flush()
     flush()
 
-    if world > 1:
-        gathered: list = [None] * world
-        torch.distributed.all_gather_object(gathered, (done, errors))
-        done = {k: v for part, _ in gathered for k, v in part.items()}
-        errors = [e for _, errs in gathered for e in errs]
-    videos = [v for v in selection.eval if v.key in done]
-    n_classes = len(selection.classes)
-    scores = np.stack([done[v.key] for v in videos]).astype(np.float32) if videos else np.zeros((0, per_video, n_classes), np.float32)
-    return EvalScores(videos, protocol.view_names(), scores, errors)
+    return gather_scores(selection, done, errors, protocol.view_names(), per_video, world)
 
 
 # ---------------------------------------------------------------------------------- fine-tuning
