@@ -37,28 +37,12 @@ SCRATCH_ROW = "scratch"  # the demo's report compares every row with the from-sc
 # The demo's data stages alone: what `vimpac demo --grid` and bench/effect.py run before a grid.
 DEMO_DATA_STAGES = "stages=[ingest,frames,tokenizer,tokenize]"
 
+# Sections of `vimpac status`, in order: a query, or None for the catalog's per-dataset summary
+# of that title (warehouse/summaries.py: kept by compaction, so no section reads every row).
 STATUS_SQL = {
-    "datasets": """
-        SELECT dataset, count(*) AS videos,
-               count(*) FILTER (WHERE status = 'ok') AS ok,
-               count(*) FILTER (WHERE status = 'failed') AS failed,
-               count(*) FILTER (WHERE status = 'duplicate') AS duplicate,
-               count(DISTINCT label) AS classes,
-               round(sum(duration_s) FILTER (WHERE status = 'ok') / 60, 1) AS minutes,
-               round(sum(bytes) FILTER (WHERE status = 'ok') / 1048576, 1) AS mb
-        FROM videos GROUP BY dataset ORDER BY dataset""",
-    "frame samples": """
-        SELECT dataset, variant, fps, size, count(*) AS videos,
-               count(*) FILTER (WHERE status = 'ok') AS ok,
-               count(*) FILTER (WHERE status = 'partial') AS partial,
-               count(*) FILTER (WHERE status = 'failed') AS failed,
-               sum(n_frames) AS frames, count(DISTINCT shard) AS shards,
-               round(sum(bytes) / 1048576, 1) AS mb
-        FROM frame_samples GROUP BY ALL ORDER BY ALL""",
-    "token samples": """
-        SELECT dataset, tokenizer, variant, size, count(*) AS videos, sum(n_frames * n_views) AS frames,
-               any_value(grid_h) || 'x' || any_value(grid_w) AS grid, count(DISTINCT shard) AS shards
-        FROM token_samples GROUP BY ALL ORDER BY ALL""",
+    "datasets": None,
+    "frame samples": None,
+    "token samples": None,
     "units of work": """
         SELECT stage, dataset, count(*) AS units, sum(n_samples) AS samples, sum(n_failed) AS failed,
                strftime(max(created_at), '%Y-%m-%d %H:%M:%S') AS last_commit
@@ -77,9 +61,7 @@ STATUS_SQL = {
         SELECT run_id, stage, dataset, status, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,
                round(epoch(finished_at) - epoch(started_at), 1) AS seconds, mlflow_run_id
         FROM runs ORDER BY started_at DESC LIMIT 8""",
-    "failures by cause": """
-        SELECT dataset, error_code, count(*) AS videos, any_value(error) AS example
-        FROM videos WHERE status = 'failed' GROUP BY dataset, error_code ORDER BY dataset, videos DESC""",
+    "failures by cause": None,
 }
 
 
@@ -117,13 +99,31 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from warehouse.catalog import Catalog
+    from warehouse.summaries import SUMMARIES, read_summary
 
     catalog = Catalog(args.home)
     print(f"data root: {catalog.root.home}")
     for title, sql in STATUS_SQL.items():
-        table = catalog.query(sql)
+        table = read_summary(catalog, SUMMARIES[title]) if sql is None else catalog.query(sql)
         if table.num_rows:
             _print_table(table, title)
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    """Merge committed unit files into large per-dataset files (docs/catalog.md, "Compaction")."""
+    from warehouse.compact import compact_all
+
+    root = DataRoot(args.home)
+    if not (root.tables / "shards").is_dir():
+        raise FileNotFoundError(f"no vimpac catalog under {root.home} (run a stage first, or pass --home)")
+    t0 = time.perf_counter()
+    sizes = {"target_rows": args.target_rows} if args.target_rows else {}
+    results = compact_all(root, datasets=args.dataset, wait=args.wait, report=lambda r: print(r.describe(), flush=True), **sizes)
+    done = [r for r in results if not r.skipped]
+    print(f"compacted {len(done)} of {len(results)} (stage, dataset) pairs in {time.perf_counter() - t0:.1f} s: "
+          f"{sum(r.rows for r in done)} rows in {sum(r.files_written for r in done)} files written, "
+          f"{sum(r.files_removed for r in done)} files removed")
     return 0
 
 
@@ -669,6 +669,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", parents=[common], help="short catalog summary")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("compact", parents=[common],
+                       help="merge committed unit files into large per-dataset files (stage runs do it at their end)")
+    p.add_argument("--dataset", action="append", metavar="NAME", help="only this dataset (repeatable; default: all)")
+    p.add_argument("--target-rows", type=int, help="rows per compacted file (default 1,000,000)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for a running stage of a dataset instead of skipping it (it compacts when it ends anyway)")
+    p.set_defaults(func=cmd_compact)
 
     p = sub.add_parser("server", parents=[common], help="run a Prefect server and an MLflow server for the data root (Ctrl-C stops both)")
     p.add_argument("--host", default="127.0.0.1",

@@ -4,6 +4,8 @@
       raw/ab/<sha256>              content-addressed source videos (same bytes stored once)
       tables/<table>/<part>.parquet  catalog tables, one immutable Parquet file per unit of work
       tables/shards/<stage>/...      one commit marker per unit; a unit is visible only once it has one
+      tables/compacted/<table>/dataset=<name>/...  committed units merged into large files (warehouse/compact.py)
+      tables/summaries/...           per-dataset summaries for `vimpac status` (warehouse/summaries.py)
       catalog.duckdb               DuckDB views over the Parquet files (rebuildable at any time)
       mlflow/mlflow.db, mlflow/artifacts/
       prefect/                     PREFECT_HOME and result storage

@@ -284,6 +284,37 @@ def table_glob(home: Path, name: str) -> str:
     return (home / base).as_posix() + "/*" * depth + "/*.parquet"
 
 
+# Which stage commits the rows of which table, unit by unit (its markers are in `shards`): the
+# tables that compaction merges (warehouse/compact.py).
+UNIT_TABLES: dict[str, str] = {"ingest": "videos", "frames": "frame_samples", "tokenize": "token_samples"}
+
+# Compacted files: tables/compacted/<table>/dataset=<name>/part-<compaction>-<k>.parquet, and for
+# the markers tables/compacted/shards/dataset=<name>/stage=<stage>/part-<compaction>.parquet.
+# Hive-style folders, so that a filter on dataset (and stage) selects folders before any file
+# is opened, in the catalog's views and in any DuckDB, Spark or pyarrow reader.
+COMPACTED = "tables/compacted"
+COMPACTION_COLUMN = "compaction"
+SCHEMA_PARTITION = "_schema"  # the zero-row schema file's partition value; no dataset name starts with "_"
+
+
+def compacted_schema(name: str) -> pa.Schema:
+    return SCHEMAS[name].append(pa.field(COMPACTION_COLUMN, pa.string()))
+
+
+def compacted_dir(home: Path, name: str, dataset: str, stage: str | None = None) -> Path:
+    folder = home / COMPACTED / name / f"dataset={dataset}"
+    return folder / f"stage={stage}" if name == "shards" else folder
+
+
+def compacted_glob(home: Path, name: str) -> str:
+    levels = 2 if name == "shards" else 1
+    return (home / COMPACTED / name).as_posix() + "/*" * levels + "/*.parquet"
+
+
+def compacted_schema_path(home: Path, name: str) -> Path:
+    return compacted_dir(home, name, SCHEMA_PARTITION, SCHEMA_PARTITION) / "_schema.parquet"
+
+
 def ensure_schema_file(home: Path, name: str) -> Path:
     """A zero-row file where the table's glob finds it, so its view has every column even
     before the first write (DuckDB refuses a glob that matches nothing), and so a column
@@ -292,6 +323,15 @@ def ensure_schema_file(home: Path, name: str) -> Path:
     path = home / base / Path(*(["_schema"] * depth)) / "_schema.parquet"
     if not path.exists() or not pq.read_schema(path).equals(SCHEMAS[name], check_metadata=False):
         write_parquet_atomic(SCHEMAS[name].empty_table(), path)
+    return path
+
+
+def ensure_compacted_schema_file(home: Path, name: str) -> Path:
+    """The same for a table's compacted files (its hive glob must match a file too)."""
+    path = compacted_schema_path(home, name)
+    schema = compacted_schema(name)
+    if not path.exists() or not pq.read_schema(path).equals(schema, check_metadata=False):
+        write_parquet_atomic(schema.empty_table(), path)
     return path
 
 

@@ -723,12 +723,9 @@ def _paired_differences(catalog, report: Report, name: str, params: list, pairs:
         ],
         schema=_PAIRS_SCHEMA,
     )
-    con = catalog.connect()
-    try:
+    with catalog.session() as con:
         con.register("pairs", table)
         found = con.sql(_DIFF_SQL, params=params + [per_view]).to_arrow_table().to_pylist()
-    finally:
-        con.close()
     column_of = {dv: j for j, dv in enumerate(pairs)}
     got: dict[tuple[int, int], dict] = {}
     for d in found:

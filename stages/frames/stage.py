@@ -30,6 +30,7 @@ from stages.frames.worker import DecodeWorker, WorkerSettings
 from stages.reporting import Reporter
 from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
+from warehouse.compact import compact_after_run
 from warehouse.layout import DataRoot
 from warehouse.shards import ShardWriter, commit_shard, stats_path, write_json_atomic
 from warehouse.tables import clean_partials, now
@@ -388,6 +389,7 @@ def run_frames(
             f"{summary['failed']} failed), {summary['frames']} frames, {summary['source_seconds_per_s']} source-s/s, "
             f"{summary['output_frames_per_s']} frames/s"
         )
+        compact_after_run(root, STAGE, dataset.name, info=reporter.info, warning=reporter.warning)
         return FramesOutcome(plan, results, errors, summary)
 
 

@@ -27,6 +27,7 @@ from stages.ingest.sources import Entry, SourceListing, list_source
 from stages.reporting import Reporter
 from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
+from warehouse.compact import compact_after_run
 from warehouse.layout import DataRoot
 from warehouse.tables import clean_partials, now, write_rows
 
@@ -335,7 +336,9 @@ def run_ingest(
         removed = _clean_leftovers(root, dataset.name)
         if removed:
             reporter.info(f"{dataset.name}: removed {removed} partial files left by an interrupted run")
-        return _run_locked(root, dataset, cfg, run_id=run_id, force=force, reporter=reporter, runner=runner)
+        outcome = _run_locked(root, dataset, cfg, run_id=run_id, force=force, reporter=reporter, runner=runner)
+        compact_after_run(root, STAGE, dataset.name, info=reporter.info, warning=reporter.warning)
+        return outcome
 
 
 def _clean_leftovers(root: DataRoot, dataset: str) -> int:

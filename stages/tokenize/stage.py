@@ -36,6 +36,7 @@ from stages import threads
 from stages.reporting import Reporter
 from stages.units import StageOutcome, UnitRunner, run_units, thread_runner
 from warehouse.catalog import Catalog, file_lock
+from warehouse.compact import compact_after_run
 from warehouse.layout import DataRoot
 from warehouse.shards import ShardWriter, commit_shard, stats_path
 from warehouse.tables import clean_partials, now
@@ -350,6 +351,7 @@ def run_tokenize(
             f"tokenize {dataset.name}: {summary['videos']} videos, {frames} frames in {len(results)} shards, "
             f"{summary['frames_per_s']} frames/s on {tokenizer.device}"
         )
+        compact_after_run(root, STAGE, dataset.name, info=reporter.info, warning=reporter.warning)
         return StageOutcome(plan, results, errors, summary)
 
 
