@@ -9,7 +9,8 @@ failed cell is logged and listed and does not stop the others; the flow fails at
 any cell failed, after everything else was committed.
 
 Rows may be token backbones (scratch, VIMPAC checkpoints, recipes) or pixel ones
-(pretrain-pixels ST-MAE checkpoints); the stage picks each cell's family from its checkpoint.
+(pretrain-pixels ST-MAE checkpoints, `scratch-pixels:PRESET`); the stage picks each cell's family
+from its checkpoint.
 The bag-of-codes floor is a probe on a tokenizer's codes: in a grid of pixel rows only, on a
 dataset without token shards, it is not applicable and is skipped with a log line.
 """
@@ -25,11 +26,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from stages import threads
-from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, build
+from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, build, scratch_pixels_preset
 from stages.finetune.grid import BAG_OF_CODES, PROBE, Cell, expand_grid, recipe_configs
 from stages.finetune.probe import bag_of_codes_cell, probe_cells
 from stages.finetune.splits import dataset_tokenizers
 from stages.finetune.train import SCRATCH, TOKEN_FAMILY, ModelSource, finetune_cell, source_family
+from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
@@ -41,11 +43,11 @@ from flows.tracking import tracked_run
 
 
 def resolve_model(model: GridModel) -> ModelSource:
-    """scratch, a registry URI (downloaded into MLflow's local cache) or a checkpoint path."""
+    """scratch, scratch-pixels:PRESET, a registry URI (downloaded into MLflow's local cache) or a checkpoint path."""
     if model.is_recipe:
         raise ConfigError(f"recipe {model.name} has not been pretrained yet (the evaluate flow trains recipes before their cells)")
-    if model.ref == SCRATCH:
-        return ModelSource(SCRATCH, None, model.name)
+    if model.ref == SCRATCH or scratch_pixels_preset(model.ref) is not None:
+        return ModelSource(model.ref, None, model.name)
     if model.ref.startswith("models:/"):
         import mlflow
 
@@ -203,9 +205,11 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
 
 
 def model_family(model: GridModel) -> str:
-    """A grid row's backbone family: recipes and scratch are token backbones; a checkpoint or
-    registry model says (one that cannot be read counts as a token backbone: its own cells then
-    fail with the reason)."""
+    """A grid row's backbone family: recipes and scratch are token backbones, scratch-pixels a
+    pixel one; a checkpoint or registry model says (one that cannot be read counts as a token
+    backbone: its own cells then fail with the reason)."""
+    if scratch_pixels_preset(model.ref) is not None:
+        return PIXEL_FAMILY
     if model.is_recipe or model.ref == SCRATCH:
         return TOKEN_FAMILY
     try:

@@ -5,6 +5,10 @@ datasets) and registered; tokenize then encodes every dataset with it; pretrain 
 VIMPAC model once on the pretraining datasets' tokens and registers the backbone; evaluate
 fine-tunes that backbone (and the from-scratch baseline) on the labeled datasets and writes
 the results table.
+
+pretrain-pixels, when `pretrain_pixels` is set, trains an ST-MAE on the pretraining datasets'
+frame shards (it needs frames only, so a failure of the token stages does not stop it, nor its
+failure them) and registers the encoder; evaluate fine-tunes it as the `pretrained-pixels` row.
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from stages import threads
-from stages.config import PRETRAINED, ConfigError, GridConfig, GridDataset, GridModel, GridPretrain, PipelineConfig
+from stages.config import (PIXEL_STAGE, PRETRAINED, PRETRAINED_PIXELS, ConfigError, GridConfig, GridDataset, GridModel, GridPretrain,
+                           PipelineConfig, pipeline_pixel_config)
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
 from flows.evaluate import evaluate
 from flows.frames import frames
 from flows.ingest import ingest
-from flows.pretrain import pretrain
+from flows.pretrain import pretrain, pretrain_pixels
 from flows.stage_flow import run_name_from
 from flows.tokenizer import tokenize, tokenizer
 from flows.tracking import tracked_run
@@ -42,6 +47,12 @@ def stage_failed(failed, dataset: str) -> bool:
     return any(f.startswith(f"{dataset}/") for f in failed)
 
 
+def data_failed(failed, dataset: str) -> bool:
+    """Whether ingest or frames of this run failed for `dataset`: what stops a stage that reads
+    frame shards only (pretrain-pixels), where a token stage's failure must not."""
+    return any(f.startswith((f"{dataset}/ingest:", f"{dataset}/frames:")) for f in failed)
+
+
 def usable_validation(catalog: Catalog, config: PipelineConfig, cfg, failed: list[str], logger):
     """Pretraining validates on `validation.datasets` that have tokens: one that this pipeline
     does not include and never tokenized, or whose earlier stage failed, is left out with a
@@ -60,12 +71,16 @@ def usable_validation(catalog: Catalog, config: PipelineConfig, cfg, failed: lis
     return cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"datasets": usable or None})})
 
 
-def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None, tokenizer_ref: str = "") -> GridConfig | None:
+def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: str | None, tokenizer_ref: str = "",
+                    pixels_ref: str | None = None) -> GridConfig | None:
     """The pipeline's evaluate settings as a grid: `pretrained` becomes the backbone this run's
-    pretrain stage registered (left out, with a warning, when there is none), the datasets
-    default to the labeled ones, and recipe rows pretrain like the pipeline's pretrain stage
-    (its settings, datasets and tokenizer) with their own overrides."""
+    pretrain stage registered and `pretrained-pixels` the encoder its pretrain-pixels stage
+    registered (each left out, with a warning, when there is none; `pretrained-pixels` without
+    a word when the stage is off, as it is by default), the datasets default to the labeled
+    ones, and recipe rows pretrain like the pipeline's pretrain stage (its settings, datasets
+    and tokenizer) with their own overrides."""
     stage = config.evaluate
+    pixels_on = PIXEL_STAGE in config.stages and config.pretrain_pixels is not None
     models = []
     for m in stage.models:
         if m.ref == PRETRAINED:
@@ -73,6 +88,13 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
                 get_run_logger().warning("evaluate: no pretrained backbone from this pipeline run; only the other models are evaluated")
                 continue
             m = GridModel(ref=pretrained_ref, name=m.name, preset=m.preset)
+        elif m.ref == PRETRAINED_PIXELS:
+            if pixels_ref is None:
+                if pixels_on:
+                    get_run_logger().warning("evaluate: no pixel (ST-MAE) encoder from this pipeline run's pretrain-pixels stage; "
+                                             "only the other models are evaluated")
+                continue
+            m = GridModel(ref=pixels_ref, name=m.name, preset=m.preset)
         models.append(m)
     labeled = dict(catalog.rows("SELECT dataset, labeled FROM datasets"))
     datasets = stage.datasets or [GridDataset(name=d.name) for d in config.datasets if labeled.get(d.name)]
@@ -166,8 +188,23 @@ def pipeline(config: PipelineConfig, home: str | None = None, force: bool = Fals
                               train_on=pretrain_on)
                 if trained is not None:
                     pretrained_ref = trained.get("model_uri") or trained.get("checkpoint")
+        pixels_ref: str | None = None
+        if PIXEL_STAGE in config.stages and config.pretrain_pixels is not None and config.datasets:
+            pixel_cfg = pipeline_pixel_config(config)
+            pixels_on = pretraining_datasets(catalog, config, pixel_cfg.datasets, "pretrain_pixels.datasets")
+            blocked = [n for n in pixels_on if data_failed(failed, n)]
+            if blocked:
+                logger.warning(f"{PIXEL_STAGE} skipped: ingest or frames failed for {', '.join(blocked)}")
+            else:
+                first = next(d for d in config.datasets if d.name == pixels_on[0])
+                trained = run(PIXEL_STAGE, pretrain_pixels, "+".join(pixels_on), first, pixel_cfg, str(root.home), force,
+                              train_on=pixels_on)
+                if trained is not None:
+                    pixels_ref = trained.get("model_uri") or trained.get("checkpoint")
+        elif config.pretrain_pixels is not None:
+            logger.info(f"{PIXEL_STAGE} not run: `pretrain_pixels` is set but `stages` does not list {PIXEL_STAGE}")
         if "evaluate" in config.stages and config.datasets:
-            grid = evaluation_grid(catalog, config, pretrained_ref, tokenizer_ref or "")
+            grid = evaluation_grid(catalog, config, pretrained_ref, tokenizer_ref or "", pixels_ref)
             blocked = [d.name for d in grid.datasets if stage_failed(failed, d.name)] if grid else []
             if blocked:
                 logger.warning(f"evaluate skipped: an earlier stage failed for {', '.join(blocked)}")

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -386,8 +388,8 @@ class FinetuneTrain(StrictModel):
 
     epochs: float = Field(50, gt=0, description="Passes over the training split (Table 4: SSv2 22, Diving48/UCF101/HMDB51 50, K400 30).")
     scratch_factor: float | None = Field(
-        None, gt=0, description="Epoch multiplier of the from-scratch baseline (default: 4 for datasets under 50k training "
-        "videos, 1.5 above, as the paper following SlowFast does).",
+        None, gt=0, description="Epoch multiplier of the from-scratch rows, `scratch` and `scratch-pixels` (default: 4 for "
+        "datasets under 50k training videos, 1.5 above, as the paper following SlowFast does).",
     )
     batch_size: int = Field(128, ge=1, description="Videos per micro-batch per rank (Table 4: 128 in all).")
     accumulate: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -465,11 +467,28 @@ def _short_datasets(v: Any) -> Any:
     return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
 
 
+SCRATCH_PIXELS = "scratch-pixels"
+
+
+def scratch_pixels_preset(ref: str | None) -> str | None:
+    """The pretrain-pixels preset a `scratch-pixels[:PRESET]` row names (bare: `default`), None
+    for any other ref. The row is that preset's ST-MAE encoder, randomly initialised."""
+    if ref == SCRATCH_PIXELS:
+        return "default"
+    if ref and ref.startswith(SCRATCH_PIXELS + ":"):
+        return ref[len(SCRATCH_PIXELS) + 1:]
+    return None
+
+
 class GridModel(StrictModel):
-    """One row of the results grid: a finished model, `scratch`, or a pretraining recipe trained on demand."""
+    """One row of the results grid: a finished model, `scratch`, `scratch-pixels:PRESET`, or a pretraining recipe
+    trained on demand."""
 
     ref: str | None = Field(None, description="models:/NAME/VERSION|latest (MLflow registry), a pretrain or pretrain-pixels "
-                            "(ST-MAE) checkpoint path or run folder, or `scratch`. Leave empty for a recipe (`pretrain:`).")
+                            "(ST-MAE) checkpoint path or run folder, `scratch` (the token backbone of the fine-tune config's "
+                            "model.scratch_preset, randomly initialised) or `scratch-pixels:PRESET` (the ST-MAE encoder a "
+                            "pretrain-pixels preset trains, e.g. tiny, randomly initialised; bare `scratch-pixels`: preset default). "
+                            "Leave empty for a recipe (`pretrain:`).")
     name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl); "
                              "required for a recipe.")
     preset: str | None = Field(None, description="Fine-tuning preset for this model's cells (overrides the grid's).")
@@ -494,6 +513,10 @@ class GridModel(StrictModel):
             raise ValueError(f"grid model {self.name or self.ref!r}: give `ref` or `pretrain`, not both")
         if self.pretrain is not None and not self.name:
             raise ValueError("a pretraining recipe in a grid needs a `name` (it labels its rows in the report)")
+        pixels = scratch_pixels_preset(self.ref)
+        if pixels is not None and pixels not in PRESETS["pretrain-pixels"]:
+            known = ", ".join(sorted(PRESETS["pretrain-pixels"]))
+            raise ValueError(f"grid model {self.ref!r}: {pixels!r} is not a pretrain-pixels preset; known: {known}")
         return self
 
     @property
@@ -596,14 +619,17 @@ class GridConfig(StrictModel):
 
 
 PRETRAINED = "pretrained"
+PRETRAINED_PIXELS = "pretrained-pixels"
 
 
 class PipelineEvaluate(StrictModel):
     """The pipeline's last stage: a results grid over its labeled datasets (flows/evaluate.py)."""
 
     models: list[GridModel] = Field(
-        default_factory=lambda: [GridModel(ref="scratch"), GridModel(ref=PRETRAINED)],
-        description="Rows of the grid; `pretrained` is the backbone this pipeline's pretrain stage made, `scratch` the baseline.",
+        default_factory=lambda: [GridModel(ref="scratch"), GridModel(ref=PRETRAINED), GridModel(ref=PRETRAINED_PIXELS)],
+        description="Rows of the grid; `pretrained` is the backbone this pipeline's pretrain stage made, `pretrained-pixels` "
+        "the ST-MAE encoder its pretrain-pixels stage made (left out without a word when that stage is off), `scratch` the "
+        "baseline, `scratch-pixels:PRESET` the pixel baseline.",
     )
     datasets: list[GridDataset] | None = Field(None, description="Columns (default: every labeled dataset of the pipeline, split auto).")
     presets: list[str] = Field(default_factory=lambda: ["default"], description="Fine-tuning presets.")
@@ -647,8 +673,11 @@ class TrackingConfig(StrictModel):
     experiment: str = operational("vimpac", description="MLflow experiment for the runs.")
 
 
-Stage = Literal["ingest", "frames", "tokenizer", "tokenize", "pretrain", "evaluate"]
+Stage = Literal["ingest", "frames", "tokenizer", "tokenize", "pretrain", "pretrain-pixels", "evaluate"]
+# The stages a pipeline runs by default (and `vimpac serve` deploys, with pipeline). pretrain-pixels
+# is optional: it joins `stages` when its section `pretrain_pixels` is set (PipelineConfig).
 STAGES: tuple[str, ...] = ("ingest", "frames", "tokenizer", "tokenize", "pretrain", "evaluate")
+PIXEL_STAGE = "pretrain-pixels"
 
 
 class PipelineConfig(StrictModel):
@@ -662,6 +691,12 @@ class PipelineConfig(StrictModel):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    pretrain_pixels: PixelPretrainConfig | None = Field(
+        None, description="ST-MAE pixel pretraining (the pretrain-pixels stage, HVM-1) on the frame shards of the pipeline's "
+        "unlabeled datasets (or its `datasets`), at frames.size unless data.size says otherwise; its encoder is the evaluate "
+        "grid's `pretrained-pixels` row. Unset: off. `{}` is the default recipe; `--preset pretrain-pixels=tiny` sets it "
+        "to a preset.",
+    )
     evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     dask: str | None = operational(
@@ -686,6 +721,33 @@ class PipelineConfig(StrictModel):
         if dupes:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pixel_stage_when_configured(cls, data: Any) -> Any:
+        """Setting `pretrain_pixels` is what switches the stage on: with the default `stages` it
+        joins them (before evaluate, which fine-tunes its encoder); a `stages` list given
+        explicitly is taken as written."""
+        if isinstance(data, dict) and data.get("pretrain_pixels") is not None and "stages" not in data:
+            data = {**data, "stages": [*STAGES[:-1], PIXEL_STAGE, STAGES[-1]]}
+        return data
+
+    @model_validator(mode="after")
+    def _pixel_stage_has_settings(self) -> "PipelineConfig":
+        if PIXEL_STAGE in self.stages and self.pretrain_pixels is None:
+            raise ValueError(f"stages lists {PIXEL_STAGE} but `pretrain_pixels` is not set: give its settings "
+                             "(pretrain_pixels: {} for the default recipe, or --preset pretrain-pixels=tiny)")
+        return self
+
+
+def pipeline_pixel_config(config: PipelineConfig) -> PixelPretrainConfig:
+    """The pipeline's pretrain-pixels settings (the flow's and `vimpac plan`'s), at the pipeline's
+    frame size unless they name one, as the tokenizer trains at frames.size: a data root that also
+    holds frames of another size then still has one choice."""
+    cfg = config.pretrain_pixels or PixelPretrainConfig()
+    if cfg.data.size is None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"size": config.frames.size})})
+    return cfg
 
 
 # Named presets: partial dicts applied over the defaults, so a preset only states what differs.
@@ -839,6 +901,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return [k for k in key.strip().split(".")], value
 
 
+def _config_class(annotation: Any) -> type[BaseModel] | None:
+    """The config model a field holds, also when it is optional (`PixelPretrainConfig | None`)."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in typing.get_args(annotation) if optional else (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], *, model: type[BaseModel]) -> dict[str, Any]:
     """Set each `a.b=value` in a nested dict, refusing keys the model does not have."""
     data = json.loads(json.dumps(data))
@@ -859,7 +930,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], *, model: type[B
                 node[key] = value
                 break
             annotation = cls.model_fields[key].annotation if cls is not None else None
-            cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            cls = _config_class(annotation)
             child = node.get(key)
             if not isinstance(child, dict):
                 child = {}
@@ -907,7 +978,8 @@ def resolve_pipeline(
     """File, then stage presets, then `--set` overrides: the last word wins."""
     data = load_pipeline_file(file) if file else {}
     for stage, name in (presets or {}).items():
-        data[stage] = deep_merge(preset(stage, name), dict(data.get(stage) or {}))
+        section = stage.replace("-", "_")  # the pretrain-pixels preset fills the `pretrain_pixels` section
+        data[section] = deep_merge(preset(stage, name), dict(data.get(section) or {}))
     return build(PipelineConfig, data, overrides)
 
 

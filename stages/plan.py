@@ -2,12 +2,12 @@
 anything and without writing to the data root.
 
 Every stage is asked the question its own run asks first (stages/*: `plan_ingest`,
-`plan_frames(save=False)`, `token_units`, `tokenizer_run`, `pretrain_run`, `cell_keys`), so the
-plan and the run share one notion of "cached". What a stage cannot know before its upstream has
-run (the content of videos not ingested yet, the registry version a new tokenizer will get) is
-carried forward as "upstream changed (<stage> <dataset>)", with a range where a count depends on
-it ("1-2 shards"). The plan may over-state work in such cases; it never calls cached what the
-run would recompute.
+`plan_frames(save=False)`, `token_units`, `tokenizer_run`, `pretrain_run`, `pixel_run`, `cell_keys`,
+`pixel_cell_keys`), so the plan and the run share one notion of "cached". What a stage cannot
+know before its upstream has run (the content of videos not ingested yet, the registry version a
+new tokenizer will get) is carried forward as "upstream changed (<stage> <dataset>)", with a
+range where a count depends on it ("1-2 shards"). The plan may over-state work in such cases; it
+never calls cached what the run would recompute.
 
 Reasons, per unit: `new input`, `changed input` (a source file changed), `changed config`,
 `changed code version`, `changed config or code version` (older data that did not record which),
@@ -33,7 +33,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from stages.config import (
+    PIXEL_STAGE,
     PRETRAINED,
+    PRETRAINED_PIXELS,
+    SCRATCH_PIXELS,
     ConfigError,
     DatasetConfig,
     FinetuneConfig,
@@ -46,6 +49,8 @@ from stages.config import (
     PipelineConfig,
     cache_dict,
     config_hash,
+    pipeline_pixel_config,
+    scratch_pixels_preset,
 )
 from stages.finetune.grid import expand_grid, recipe_configs
 from warehouse.catalog import Catalog
@@ -289,6 +294,8 @@ class _Planner:
         self.tokenizer_row: StagePlan | None = None
         self.pretrain_row: StagePlan | None = None
         self.pretrained: tuple[str | None, str | None] | None = None  # (identity, tokenizer) of the `pretrained` model
+        self.pixels_row: StagePlan | None = None
+        self.pixels: tuple[str, Path] | None = None  # (run key, final.pt) of the `pretrained-pixels` encoder
 
     # ---------------------------------------------------------------- helpers
 
@@ -546,7 +553,12 @@ class _Planner:
                 old_hash = config_hash(old_cfg)
             except ValueError:
                 old_cfg, old_hash = None, None
-            entry = {"code": meta.get("code_version"), "config": old_hash, "data": meta.get("data_fingerprint"),
+            data = meta.get("data_fingerprint")
+            if data is None and meta.get("shards"):
+                from stages.pretrain.pixels import shard_fingerprint
+
+                data = shard_fingerprint(meta["shards"])  # pretrain-pixels records its shard units
+            entry = {"code": meta.get("code_version"), "config": old_hash, "data": data,
                      "tokenizer": meta.get("tokenizer"), "world": meta.get("world_size")}
             previous.append(entry)
             configs[id(entry)] = old_cfg
@@ -700,6 +712,57 @@ class _Planner:
                 for n, s in mixed.items()) + ": pretraining takes one per dataset (set tokenize.size / tokenize.variant)"
         self.rows.append(row)
 
+    # ---------------------------------------------------------------- pretrain-pixels
+
+    def pixels_stage(self) -> None:
+        """As flows.pipeline: the ST-MAE on the pretraining datasets' frame shards at the
+        pipeline's frame size; only ingest or frames failing stops it."""
+        from stages.pretrain.pixels import CODE_VERSION, pixel_run
+
+        if self.cfg.pretrain_pixels is None:
+            return
+        pcfg = pipeline_pixel_config(self.cfg)
+        train_on, row = self.training_row(PIXEL_STAGE, pcfg.datasets)
+        if row is None:
+            return
+        self.pixels_row = row
+        blocked = [f"{n} ({self.blocked[n]})" for n in train_on if self.blocked.get(n) in ("ingest", "frames")]
+        if blocked:
+            row.skipped = f"skipped: an earlier stage fails for {', '.join(blocked)}"
+            self.rows.append(row)
+            return
+        changed = [d for d in train_on if (f := self.frames.get(d)) and f.size == pcfg.data.size and f.new_hi]
+        run = None
+        if not changed:
+            try:
+                run = pixel_run(self.root, train_on, pcfg, self.world_size)
+            except (ConfigError, FileNotFoundError, ValueError) as e:
+                row.error = f"fails: {e}"
+                self.rows.append(row)
+                return
+            self.pixels = (run.run_key, run.final)
+            row.notes.append(f"run key {run.run_key} (checkpoints/{PIXEL_STAGE}/{run.run_key})")
+        if self.force:
+            row.run = 1
+            row.add(FORCED)
+        elif changed:
+            row.run = 1
+            row.add(upstream("frames", ", ".join(changed)))
+            row.notes.append("its key covers every committed frame shard of its datasets at this size: new shards train a new model")
+        elif run.finished:
+            row.cached = 1
+        else:
+            row.run = 1
+            if run.last.exists():
+                row.add(UNFINISHED)
+            else:
+                reason, notes = self.classify_training(PIXEL_STAGE, run.run_key, {
+                    "code": CODE_VERSION, "config": config_hash(pcfg), "data": run.data_fingerprint, "world": self.world_size},
+                    pcfg, row)
+                row.add(reason)
+                row.notes.extend(notes)
+        self.rows.append(row)
+
     def token_settings(self, dataset: str, identity: str | None) -> set[tuple[str, int, float]]:
         """(variant, size, fps) of a dataset's token shards of `identity` once tokenize has run: it
         tokenizes every committed frame shard (within tokenize.variant/size)."""
@@ -732,6 +795,12 @@ class _Planner:
                 if row is None or row.error or row.skipped or self.pretrained is None:
                     notes.append("no pretrained backbone from this pipeline run: only the other models are evaluated")
                     continue
+            if m.ref == PRETRAINED_PIXELS:
+                row = self.pixels_row
+                if row is None or row.error or row.skipped:
+                    if PIXEL_STAGE in self.cfg.stages and self.cfg.pretrain_pixels is not None:
+                        notes.append("no pixel (ST-MAE) encoder from this pipeline run: only the other models are evaluated")
+                    continue  # the stage is off (the default): the row is not asked for
             models.append(m)
         labeled_names = [d.name for d in self.cfg.datasets if self.facts(d)[0]]
         datasets = stage.datasets or [GridDataset(name=n) for n in labeled_names]
@@ -784,12 +853,18 @@ class _Planner:
     def model_family(self, model) -> tuple[str, str | None, Path | None]:
         """(family, pretrain identity, checkpoint) of a grid row as the evaluate flow will find it:
         scratch, `pretrained` and recipes are token backbones (identity and checkpoint None: the
-        token cells look them up themselves); a checkpoint's format says; a registry model is
-        found among the pretrain-pixels runs that registered it (else it is a token backbone)."""
+        token cells look them up themselves); scratch-pixels and `pretrained-pixels` are pixel
+        ones (scratch has no checkpoint); a checkpoint's format says; a registry model is found
+        among the pretrain-pixels runs that registered it (else it is a token backbone)."""
         from stages.finetune.pixels import pixel_identity
         from stages.finetune.train import SCRATCH, TOKEN_FAMILY, checkpoint_family
         from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
 
+        if (pixels := scratch_pixels_preset(model.ref)) is not None:
+            return PIXEL_FAMILY, f"{SCRATCH_PIXELS}:{pixels}", None  # scratch_pixel_backbone's identity
+        if model.ref == PRETRAINED_PIXELS:
+            # This run's pretrain-pixels row: known once its key is (None while frames change).
+            return PIXEL_FAMILY, *(self.pixels or (None, None))
         if model.is_recipe or model.ref in (SCRATCH, PRETRAINED):
             return TOKEN_FAMILY, None, None
         if model.ref.startswith("models:/"):
@@ -811,9 +886,9 @@ class _Planner:
     def pixel_cell(self, row: StagePlan, label: str, identity: str, checkpoint: Path | None, dataset: str, split: str,
                    cfg: FinetuneConfig, kind: str, methods: list[str] | None) -> None:
         """A pixel (ST-MAE) row's cell: keyed by the frame shards, not by any tokens."""
-        from stages.finetune.pixels import pixel_cell_keys, pixel_identity, pixel_probe_eval_ids
+        from stages.finetune.pixels import pixel_cell_keys, pixel_identity, pixel_probe_eval_ids, scratch_pixel_backbone
         from stages.finetune.splits import select_frame_split
-        from stages.finetune.train import existing_results
+        from stages.finetune.train import ModelSource, existing_results
         from stages.finetune.train import protocol_for as protocol
 
         frames = self.frames.get(dataset)
@@ -824,11 +899,14 @@ class _Planner:
         try:
             selection = select_frame_split(self.root, dataset, split, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
             if kind == "probe":
-                if checkpoint is None or not checkpoint.exists():
+                if identity.startswith(f"{SCRATCH_PIXELS}:"):
+                    encoder = scratch_pixel_backbone(ModelSource(identity), selection.shards[0].size).encoder
+                elif checkpoint is None or not checkpoint.exists():
                     row.run += 1
                     row.add(NEW)
                     return
-                encoder = pixel_identity(checkpoint)[1]
+                else:
+                    encoder = pixel_identity(checkpoint)[1]
                 encoder = dataclasses.replace(encoder, frames=cfg.data.frames or encoder.frames)
                 ids = [e for _, e in pixel_probe_eval_ids(cfg, identity, dataset, selection, encoder, methods or [])]
             else:
@@ -940,6 +1018,10 @@ class _Planner:
         label = "scratch" if model.ref == SCRATCH else "pretrained" if model.ref == PRETRAINED else (model.name or model.ref)
         family, pixel_run, checkpoint = self.model_family(model)
         if family == PIXEL_FAMILY:
+            if model.ref == PRETRAINED_PIXELS and self.pixels_row is not None and self.pixels_row.pending:
+                row.run += 1
+                row.add(upstream(PIXEL_STAGE, self.pixels_row.dataset))
+                return
             if pixel_run is None:
                 row.run += 1
                 row.add(NEW)
@@ -1042,6 +1124,11 @@ class _Planner:
                 self.tokenize_stage(ds)
         if "pretrain" in stages and self.cfg.datasets:
             self.pretrain_stage()
+        if PIXEL_STAGE in stages and self.cfg.datasets:
+            self.pixels_stage()
+        elif self.cfg.pretrain_pixels is not None and self.cfg.datasets:
+            self.rows.append(StagePlan(PIXEL_STAGE, "-", "run", skipped=f"skipped: `pretrain_pixels` is set but `stages` does not "
+                                                                     f"list {PIXEL_STAGE}"))
         if "evaluate" in stages and self.cfg.datasets:
             self.evaluate_stage()
         return self.rows

@@ -282,3 +282,50 @@ def test_plan_keys_pixel_rows_by_their_frame_shards(toy, tmp_path):
     probe_cells(toy, ModelSource("pix", pixels), "toy", "1", cfg, methods=["knn"])
     assert (plan("finetune").cached, plan("probe", ["knn"]).cached) == (1, 1)
     assert plan("probe", ["knn", "linear_probe"]).run == 1, "a probe method not run yet"
+
+
+# ---------------------------------------------------------------- the from-scratch pixel row
+
+
+def test_scratch_pixels_trains_a_random_encoder_of_its_preset_on_the_scratch_schedule(toy, tmp_path, monkeypatch):
+    """`scratch-pixels:micro` is the micro pretrain-pixels preset's encoder with no weights
+    loaded, named apart from the token `scratch` row, trained 4x the epochs as `scratch` is."""
+    cfg = micro("train.epochs=1")
+    pixels = pixel_checkpoint(tmp_path / "pix.pt")
+    pretrained = finetune_cell(toy, ModelSource("pix", pixels), "toy", "1", cfg, preset="micro")
+
+    def no_weights(*_):
+        raise AssertionError("a scratch-pixels row loads no weights")
+
+    monkeypatch.setattr("stages.finetune.pixels.load_encoder_state", no_weights)
+    rep = RecordingReporter()
+    source = ModelSource("scratch-pixels:micro")
+    result = finetune_cell(toy, source, "toy", "1", cfg, preset="micro", reporter=rep)
+    assert (pretrained.steps, result.steps) == (3, 12), "12 training videos, batches of 4: 1 epoch, and 4 from scratch"
+    assert "pixel clips, from scratch: 4x the epochs" in rep.text()
+    assert (result.pretrain_recipe, result.pretrain_run) == ("scratch-pixels-micro", "scratch-pixels:micro")
+    rows = Catalog(toy).rows("SELECT DISTINCT pretrain_recipe, pretrain_run, code_version FROM results WHERE eval_id = ?",
+                             [result.eval_id])
+    assert rows == [("scratch-pixels-micro", "scratch-pixels:micro", "finetune-pixels-1/eval-pixels-1")]
+    saved = torch.load(result.checkpoint, weights_only=True)
+    encoder = saved["model_config"]["encoder"]
+    assert saved["metadata"]["pretrain"] == "scratch-pixels:micro"
+    assert (encoder["img_size"], encoder["frames"], encoder["dim"]) == (16, 4, 32), "micro's encoder at the labeled frames' 16 px"
+    assert result.eval_id != pretrained.eval_id and result.run_key != pretrained.run_key
+
+    again = finetune_cell(toy, source, "toy", "1", cfg, preset="micro", reporter=RecordingReporter())
+    assert again.cached and again.metrics == result.metrics
+    assert finetune_cell(toy, source, "toy", "1", micro("train.epochs=1", "train.scratch_factor=2"), preset="micro").steps == 6
+
+    probes = probe_cells(toy, source, "toy", "1", cfg, methods=["knn"])
+    assert [r.protocol for r in probes] == ["knn:cls", "knn:mean"] and all(r.pretrain_recipe == "scratch-pixels-micro" for r in probes)
+
+    planner = _Planner(build(PipelineConfig, {}), toy, False)
+    for kind, methods in (("finetune", None), ("probe", ["knn"])):
+        row = StagePlan("evaluate", "toy", "cell")
+        planner.cell(row, GridModel(ref="scratch-pixels:micro"), "toy", "1", cfg, kind=kind, methods=methods)
+        assert (row.cached, row.run, row.error) == (1, 0, None), kind
+    with pytest.raises(ValueError, match="'large' is not a pretrain-pixels preset"):
+        GridModel(ref="scratch-pixels:large")
+    grid = build(GridConfig, {"models": ["scratch", "scratch-pixels:micro"], "datasets": ["toy"]})
+    assert [m.ref for m in grid.models] == ["scratch", "scratch-pixels:micro"]

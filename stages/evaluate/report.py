@@ -23,6 +23,7 @@ import pyarrow as pa
 
 METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "mean_class": "mean class accuracy"}
 SCRATCH = "scratch"
+SCRATCH_PIXELS = "scratch-pixels"  # the pixel baseline's recipe names: scratch-pixels-<preset>
 FINETUNE = "finetune"
 BAG_OF_CODES = "bag_of_codes"
 CHANCE = "chance"
@@ -456,7 +457,8 @@ def build_report(
     """VIMPAC Table 7 from the catalog's `results` view (`catalog`: a `warehouse.catalog.Catalog`).
 
     Rows are (pretraining recipe, evaluation protocol, fine-tuning recipe where several): the
-    bag-of-codes floor first, then "scratch", then by recipe, fine-tuning before the probes;
+    bag-of-codes floor first, then "scratch" (and the pixel baselines, "scratch-pixels-*"), then by
+    recipe, fine-tuning before the probes;
     columns datasets, in the order of `datasets` when given, else alphabetical (a stable order
     that does not depend on which evaluation happened to run first). A dataset where one
     protocol was evaluated under several view protocols gets a column per view protocol
@@ -629,7 +631,8 @@ def _protocol_rank(protocol: str) -> tuple[int, str]:
 
 
 def _row_order(row: Row) -> tuple:
-    group = 0 if row.protocol == BAG_OF_CODES else 1 if row.recipe == SCRATCH else 2
+    # The from-scratch baselines of both families (scratch, scratch-pixels-PRESET) sit together.
+    group = 0 if row.protocol == BAG_OF_CODES else 1 if row.recipe == SCRATCH or row.recipe.startswith(SCRATCH_PIXELS) else 2
     return (group, row.recipe.casefold(), row.recipe, _protocol_rank(row.protocol), row.label.casefold(), row.label)
 
 

@@ -22,6 +22,13 @@ shorter than a clip repeats its last frame. There is no bag-of-codes floor for p
 Keys: a cell's run key and eval id hash this family's code version and name with the config,
 the pretrain run, the frame shards and the split, so a pixel cell can never be mistaken for a
 token cell; its `pretrain_recipe` is the pixel run's name (e.g. tiny-8x64-st_mae-r0.9).
+
+The from-scratch pixel row, `scratch-pixels:PRESET`, is the encoder a pretrain-pixels preset
+would train (its model, frames and frame step; the labeled dataset's frame size unless the preset
+sets one), randomly initialised from the cell's seed. It stands for the pretrained model as
+`scratch-pixels:PRESET` in keys and `pretrain_run`, is named `scratch-pixels-PRESET` in
+`pretrain_recipe`, and trains as long as the token `scratch` row does (train.scratch_factor:
+the paper's 4x the epochs on small datasets).
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ import webdataset as wds
 from models.classifier import PixelClassifier, PixelClassifierConfig
 from models.st_mae import STMAEConfig, STMAEEncoder, load_encoder_state
 from stages.checkpoints import read_checkpoint, strip_prefixes
-from stages.config import ConfigError, FinetuneConfig, config_hash
+from stages.config import (SCRATCH_PIXELS, ConfigError, FinetuneConfig, PixelPretrainConfig, build, config_hash, preset,
+                           scratch_pixels_preset)
 from stages.evaluate.metrics import CENTER, Protocol, clip_starts
 from stages.evaluate.probes import KNN_K
 from stages.finetune.evaluate import EvalScores, gather_scores
@@ -48,12 +56,12 @@ from stages.finetune.probe import PROBE_METHODS, VideoFeatures, fit_probes, foun
 from stages.finetune.splits import EvalVideo, SplitSelection, select_frame_split
 from stages.finetune.train import (FINETUNE, FORMAT, CellResult, ModelSource, _checkpoint_file, _fingerprint, _model_identity,
                                    finetune_recipe, finish_evaluation, fit_classifier, found_evaluated, prepare_run_dir,
-                                   protocol_for, restore_finished, save_finished, seed_everything, training_plan)
+                                   protocol_for, restore_finished, save_finished, scratch_factor, seed_everything, training_plan)
 from stages.frames.encoding import decode_view, extension
 from stages.frames.read import FrameShard
 from stages.pretrain import distributed as D
 from stages.pretrain.data import batch_generator
-from stages.pretrain.pixels import FAMILY, normalise
+from stages.pretrain.pixels import FAMILY, model_config, normalise
 from stages.pretrain.pixels import FORMAT as PIXEL_FORMAT
 from stages.reporting import Reporter
 from warehouse.layout import DataRoot
@@ -70,11 +78,15 @@ class PixelPretrained:
     """A finished pretrain-pixels run as a fine-tuning source."""
 
     encoder: STMAEConfig
-    state: dict  # the ST-MAE's weights (decoder entries are dropped when loading)
-    identity: str  # pretrain-pixels run key, or the file's sha256 for a checkpoint made elsewhere
-    recipe: str  # e.g. tiny-8x64-st_mae-r0.9
+    state: dict | None  # the ST-MAE's weights (decoder entries are dropped when loading); None: from scratch
+    identity: str  # pretrain-pixels run key, the file's sha256 for a checkpoint made elsewhere, or scratch-pixels:PRESET
+    recipe: str  # e.g. tiny-8x64-st_mae-r0.9, or scratch-pixels-tiny
     frame_step: int  # stored frames between clip frames, as pretraining cut its clips
     datasets: tuple[str, ...] = ()
+
+    @property
+    def scratch(self) -> bool:
+        return self.state is None
 
     def transductive_warning(self, dataset: str, split: str) -> str | None:
         """A warning when the encoder was pretrained on `dataset`'s frames, evaluation videos included."""
@@ -101,6 +113,21 @@ def load_pixel_backbone(source: ModelSource) -> PixelPretrained:
     frame_step = int(((meta.get("config") or {}).get("data") or {}).get("frame_step") or 1)
     return PixelPretrained(encoder, state, _model_identity(meta, path), source.name or meta.get("run_name") or path.stem, frame_step,
                            tuple(meta.get("datasets") or ()))
+
+
+def scratch_pixel_backbone(source: ModelSource, frame_size: int) -> PixelPretrained:
+    """A `scratch-pixels:PRESET` row: the ST-MAE encoder that pretrain-pixels preset trains, over
+    frames of `frame_size` px (the labeled dataset's, unless the preset sets data.size), with no
+    weights to load. Pure: `vimpac plan` builds it too."""
+    name = scratch_pixels_preset(source.ref)
+    if name is None:
+        raise ValueError(f"{source.ref} is not a {SCRATCH_PIXELS} row")
+    try:
+        cfg = build(PixelPretrainConfig, preset("pretrain-pixels", name))
+        encoder = model_config(cfg, cfg.data.size or frame_size)
+    except ConfigError as e:
+        raise ConfigError(f"model {source.ref}: {e}") from None
+    return PixelPretrained(encoder, None, f"{SCRATCH_PIXELS}:{name}", source.name or f"{SCRATCH_PIXELS}-{name}", cfg.data.frame_step)
 
 
 def pixel_identity(checkpoint: Path) -> tuple[str, STMAEConfig]:
@@ -371,10 +398,14 @@ def score_pixel_videos(model: PixelClassifier, root: DataRoot, selection: SplitS
 
 def pixel_cell(root: DataRoot, source: ModelSource, dataset: str, split: str, cfg: FinetuneConfig, preset: str, grid: str,
                reporter: Reporter, force: bool, run_id: str | None, max_steps: int | None, info: D.DistInfo) -> CellResult:
-    """`finetune_cell` for a pretrain-pixels checkpoint: fine-tune the ST-MAE encoder on pixel
-    clips, evaluate it with multi-view testing, write the cell's rows (or find them written)."""
-    pretrained = load_pixel_backbone(source)
+    """`finetune_cell` for a pretrain-pixels checkpoint (or a scratch-pixels row): fine-tune the
+    ST-MAE encoder on pixel clips, evaluate it with multi-view testing, write the cell's rows (or
+    find them written)."""
+    # A checkpoint that cannot be used fails before the frames are looked at; a scratch encoder
+    # takes its size from them.
+    loaded = None if scratch_pixels_preset(source.ref) is not None else load_pixel_backbone(source)
     selection = select_frame_split(root, dataset, split, size=cfg.data.size, variant=cfg.data.variant, seed=cfg.train.seed)
+    pretrained = loaded or scratch_pixel_backbone(source, selection.shards[0].size)
     if leak := pretrained.transductive_warning(dataset, selection.base):
         selection.warnings.append(leak)
     for warning in selection.warnings:
@@ -427,13 +458,17 @@ def _train_pixels(root: DataRoot, selection: SplitSelection, ccfg: PixelClassifi
                   pretrained: PixelPretrained, reporter: Reporter, info: D.DistInfo, run_key: str, where: str, last: Path,
                   max_steps: int | None, watch: dict, warnings: list[str]) -> tuple[PixelClassifier, int, bool]:
     n_train = len(selection.train)
-    plan = training_plan(cfg, n_train, info.world_size)
+    # A randomly initialised encoder gets the token scratch row's longer schedule, so the two
+    # baselines and the pretrained rows compare as the paper compares them.
+    factor = scratch_factor(cfg, n_train) if pretrained.scratch else 1.0
+    plan = training_plan(cfg, n_train, info.world_size, factor)
     seed_everything(cfg.train.seed)
     model = PixelClassifier(ccfg)
-    try:
-        load_encoder_state(model.encoder, pretrained.state)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    if not pretrained.scratch:
+        try:
+            load_encoder_state(model.encoder, pretrained.state)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     enc = ccfg.encoder
     loader = LabeledPixelClips(root, selection.train_shards, selection.train, frames=enc.frames, frame_step=pretrained.frame_step,
                                size=enc.img_size, batch_size=cfg.train.batch_size, batches_per_epoch=plan.batches_per_epoch,
@@ -442,7 +477,8 @@ def _train_pixels(root: DataRoot, selection: SplitSelection, ccfg: PixelClassifi
     params = sum(p.numel() for p in model.encoder.parameters())
     return fit_classifier(model, ccfg.to_dict(), loader, plan, cfg, lr=cfg.train.lr or DEFAULT_LR, classes=selection.classes,
                           n_train=n_train, backbone_params=params, reporter=reporter, info=info, run_key=run_key, where=where,
-                          last=last, max_steps=max_steps, watch=watch, warnings=warnings, note=" (pixel clips)")
+                          last=last, max_steps=max_steps, watch=watch, warnings=warnings,
+                          note=f" (pixel clips, from scratch: {factor:g}x the epochs)" if pretrained.scratch else " (pixel clips)")
 
 
 # ---------------------------------------------------------------------------------- probes
@@ -510,8 +546,9 @@ def pixel_probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: 
     encoder's [CLS] and mean features of center-view pixel clips."""
     reporter = reporter or Reporter()
     seed = cfg.train.seed
-    pretrained = load_pixel_backbone(source)
+    loaded = None if scratch_pixels_preset(source.ref) is not None else load_pixel_backbone(source)
     selection = select_frame_split(root, dataset, split, size=cfg.data.size, variant=cfg.data.variant, seed=seed)
+    pretrained = loaded or scratch_pixel_backbone(source, selection.shards[0].size)
     if leak := pretrained.transductive_warning(dataset, selection.base):
         selection.warnings.append(leak)
         reporter.warning(leak)
@@ -527,11 +564,14 @@ def pixel_probe_cells(root: DataRoot, source: ModelSource, dataset: str, split: 
         return results
 
     device = device or torch.device("cpu")
+    if pretrained.scratch:
+        torch.manual_seed(seed)  # the scratch-pixels row's random encoder, seeded as the token scratch row's
     encoder = STMAEEncoder(encoder_cfg)
-    try:
-        load_encoder_state(encoder, pretrained.state)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    if not pretrained.scratch:
+        try:
+            load_encoder_state(encoder, pretrained.state)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
     encoder.to(device)
     amp = cfg.train.amp and device.type == "cuda"
     errors: list[str] = []

@@ -45,7 +45,7 @@ from models.backbone import BackboneConfig, load_state_resized
 from models.classifier import ClassifierConfig, PixelClassifier, VideoClassifier
 from models.pretrain import PretrainModelConfig
 from stages.checkpoints import atomic_save, read_checkpoint, strip_prefixes
-from stages.config import PRESETS, ConfigError, FinetuneConfig, FinetuneTrain, build, config_hash
+from stages.config import PRESETS, ConfigError, FinetuneConfig, FinetuneTrain, build, config_hash, scratch_pixels_preset
 from stages.engine import Engine, Objective, adamw, compile_layers, schedule
 from stages.evaluate.metrics import CENTER, CROPS3, Protocol, classification_metrics, confusion_matrix, confusion_png, fuse, per_class_accuracy
 from stages.finetune.evaluate import EvalScores, score_videos
@@ -170,7 +170,10 @@ def checkpoint_family(checkpoint: Path) -> str:
 
 
 def source_family(source: ModelSource) -> str:
-    """A grid row's family: scratch is the token backbone; a checkpoint says (ConfigError otherwise)."""
+    """A grid row's family: scratch is the token backbone, scratch-pixels:PRESET the ST-MAE
+    encoder (whatever path a caller put beside it); a checkpoint says (ConfigError otherwise)."""
+    if scratch_pixels_preset(source.ref) is not None:
+        return PIXEL_FAMILY
     if source.scratch:
         return TOKEN_FAMILY
     try:
@@ -457,6 +460,12 @@ class TrainingPlan:
     warmup: int
 
 
+def scratch_factor(cfg: FinetuneConfig, n_train: int) -> float:
+    """Epoch multiplier of a from-scratch row (token or pixel): train.scratch_factor, else the
+    paper's 4x below LARGE_DATASET training videos and 1.5x above."""
+    return cfg.train.scratch_factor or (4.0 if n_train < LARGE_DATASET else 1.5)
+
+
 def training_plan(cfg: FinetuneConfig, n_train: int, world: int, factor: float = 1.0) -> TrainingPlan:
     """`factor` x train.epochs over `n_train` videos in batches of batch_size x world, k accumulated."""
     batches_per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * world)))
@@ -479,7 +488,7 @@ def _train(root: DataRoot, selection: SplitSelection, ccfg: ClassifierConfig, cf
     per-class accuracy at the end), `warnings` what the user must see."""
     world, device = info.world_size, info.device
     n_train = len(selection.train)
-    factor = 1.0 if pretrained else (cfg.train.scratch_factor or (4.0 if n_train < LARGE_DATASET else 1.5))
+    factor = 1.0 if pretrained else scratch_factor(cfg, n_train)
     plan = training_plan(cfg, n_train, world, factor)
     large = (pretrained.preset if pretrained else cfg.model.scratch_preset) == "large_half"
     lr = cfg.train.lr or (5e-5 if large else 1e-4)  # Table 4

@@ -87,6 +87,12 @@ def run_name(cfg: PixelPretrainConfig, size: int) -> str:
     return name + ("-tube" if cfg.model.masking == "tube" else "")
 
 
+def shard_fingerprint(units) -> str:
+    """The run key's data part: a hash of the frame shard units it trains on (a checkpoint's
+    metadata records them as `shards`, so `vimpac plan` can compare an older run's)."""
+    return hashlib.sha256("\n".join(sorted(map(str, units))).encode()).hexdigest()
+
+
 def pixel_run(root: DataRoot, datasets: list[str], cfg: PixelPretrainConfig, world_size: int | None = None) -> PixelRun:
     """The run key (code version, config, frame shards, world size) and folder; nothing written."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
@@ -94,7 +100,7 @@ def pixel_run(root: DataRoot, datasets: list[str], cfg: PixelPretrainConfig, wor
         shards = _select_shards(root, datasets, cfg.data.size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    fingerprint = hashlib.sha256("\n".join(sorted(s.unit for s in shards)).encode()).hexdigest()
+    fingerprint = shard_fingerprint(s.unit for s in shards)
     key = hashlib.sha256(json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, world_size]).encode()).hexdigest()[:16]
     return PixelRun(run_key=key, data_fingerprint=fingerprint, run_dir=root.home / "checkpoints" / "pretrain-pixels" / key,
                     shards=shards)
