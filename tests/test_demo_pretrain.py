@@ -57,3 +57,14 @@ def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect
            GROUP BY ALL ORDER BY 1""")
     assert [(r[0], r[2]) for r in lineage] == [("scratch", version.tags["vimpac.tokenizer"]), ("tiny-5x64-mp+cl", version.tags["vimpac.tokenizer"])]
     assert lineage[0][1] == lineage[1][1] > 0, "both rows scored the same test videos"
+
+    # Compaction of the demo's catalog (issue 19) changes no view: the same rows before and after.
+    from warehouse.compact import compact_all
+    from warehouse.layout import DataRoot
+
+    views = ["videos", "videos_log", "shards", "frame_samples", "token_samples", "results", "predictions"]
+    before = {v: Catalog(home).rows(f"SELECT * FROM {v} ORDER BY ALL") for v in views}
+    compacted = compact_all(DataRoot(home))
+    assert sum(r.files_written for r in compacted) > 0 and not any(r.skipped for r in compacted), compacted
+    assert not list((home / "tables" / "videos").glob("demo-*/*.parquet")), "the unit files were merged"
+    assert {v: Catalog(home).rows(f"SELECT * FROM {v} ORDER BY ALL") for v in views} == before

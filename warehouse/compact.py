@@ -186,7 +186,10 @@ class _Compactor:
         cols = _columns_of("shards", "m")
         schema = _literal(self.root.table_dir("shards", "_schema", "_schema.parquet"))
         sources = [f"SELECT {cols}, NULL::VARCHAR AS compaction, NULL::VARCHAR AS file FROM read_parquet({schema}) m"]
-        unit_marks = _glob_or_none(self.root.table_dir("shards", self.stage), "*.parquet")
+        # Every stage names a unit's marker `<dataset>--...` (stages/*/stage.py): globbing the
+        # dataset's own reads one dataset's markers, not the whole stage's (a small dataset beside
+        # HowTo100M would otherwise read 75,000 files to compact 800); the WHERE below stays the rule.
+        unit_marks = _glob_or_none(self.root.table_dir("shards", self.stage), f"{self.dataset}--*.parquet")
         if unit_marks:
             sources.append(f"""SELECT {cols}, NULL::VARCHAR AS compaction, m.filename AS file
                 FROM read_parquet([{schema}, {unit_marks}], union_by_name={by_name}, filename=true) m
