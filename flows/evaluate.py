@@ -8,9 +8,9 @@ A cell whose evaluation is already in the catalog is reported as cached and does
 failed cell is logged and listed and does not stop the others; the flow fails at the end if
 any cell failed, after everything else was committed.
 
-Rows may be token backbones (scratch, VIMPAC checkpoints, recipes) or pixel ones
-(pretrain-pixels ST-MAE checkpoints, `scratch-pixels:PRESET`); the stage picks each cell's family
-from its checkpoint.
+Rows may be token backbones (scratch, VIMPAC checkpoints, `pretrain:` recipes) or pixel ones
+(pretrain-pixels ST-MAE checkpoints, `scratch-pixels:PRESET`, `pretrain_pixels:` recipes); the
+stage picks each cell's family from its checkpoint.
 The bag-of-codes floor is a probe on a tokenizer's codes: in a grid of pixel rows only, on a
 dataset without token shards, it is not applicable and is skipped with a log line.
 """
@@ -36,7 +36,7 @@ from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 from warehouse.runs import mark_crashed_runs
 
-from flows.pretrain import pretrain
+from flows.pretrain import pretrain, pretrain_pixels
 from flows.registry import download_version
 from flows.stage_flow import run_lock, run_name_from
 from flows.tracking import tracked_run
@@ -119,21 +119,25 @@ def _probe_device(cell: Cell):
     return resolve_device(cell.config.train.device)
 
 
-def _pretraining_dataset(root: DataRoot, name: str) -> DatasetConfig:
+def _pretraining_dataset(root: DataRoot, name: str, shards: str = "token") -> DatasetConfig:
     rows = Catalog(root).rows("SELECT source FROM datasets WHERE dataset = ?", [name])
-    return build(DatasetConfig, {"name": name, "source": (rows[0][0] if rows and rows[0][0] else f"token shards of {name}")})
+    return build(DatasetConfig, {"name": name, "source": (rows[0][0] if rows and rows[0][0] else f"{shards} shards of {name}")})
 
 
 def train_recipes(grid: GridConfig, root: DataRoot, force: bool, logger) -> tuple[dict[tuple[str, int | None], GridModel], list[str]]:
-    """Pretrain every (recipe row, seed) of the grid that is not trained yet (the pretrain flow
-    caches by run key, so a finished recipe costs a lookup) and return the finished model each
-    stands for, plus the recipes that failed."""
+    """Pretrain every (recipe row, seed) of the grid that is not trained yet (the pretrain and
+    pretrain-pixels flows cache by run key, so a finished recipe costs a lookup) and return the
+    finished model each stands for, plus the recipes that failed."""
     trained: dict[tuple[str, int | None], GridModel] = {}
     failed: list[str] = []
     for model, seed, cfg in recipe_configs(grid):
-        label = f"recipe {model.name}" + (f" seed {seed}" if seed is not None else "")
-        state = pretrain(_pretraining_dataset(root, cfg.datasets[0]), cfg, str(root.home), force, train_on=list(cfg.datasets),
-                         return_state=True)
+        label = f"{'pixel ' if model.is_pixel_recipe else ''}recipe {model.name}" + (f" seed {seed}" if seed is not None else "")
+        if model.is_pixel_recipe:
+            state = pretrain_pixels(_pretraining_dataset(root, cfg.datasets[0], "frame"), cfg, str(root.home), force,
+                                    train_on=list(cfg.datasets), return_state=True)
+        else:
+            state = pretrain(_pretraining_dataset(root, cfg.datasets[0]), cfg, str(root.home), force, train_on=list(cfg.datasets),
+                             return_state=True)
         if not state.is_completed():
             failed.append(f"{label}: pretraining failed: {state.message}")
             logger.error(failed[-1])
@@ -205,10 +209,10 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
 
 
 def model_family(model: GridModel) -> str:
-    """A grid row's backbone family: recipes and scratch are token backbones, scratch-pixels a
-    pixel one; a checkpoint or registry model says (one that cannot be read counts as a token
-    backbone: its own cells then fail with the reason)."""
-    if scratch_pixels_preset(model.ref) is not None:
+    """A grid row's backbone family: token recipes and scratch are token backbones, pixel recipes
+    and scratch-pixels pixel ones; a checkpoint or registry model says (one that cannot be read
+    counts as a token backbone: its own cells then fail with the reason)."""
+    if scratch_pixels_preset(model.ref) is not None or model.is_pixel_recipe:
         return PIXEL_FAMILY
     if model.is_recipe or model.ref == SCRATCH:
         return TOKEN_FAMILY

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from stages import threads
 from stages.config import (PIXEL_STAGE, PRETRAINED, PRETRAINED_PIXELS, ConfigError, GridConfig, GridDataset, GridModel, GridPretrain,
-                           PipelineConfig, pipeline_pixel_config)
+                           PipelineConfig, pipeline_pixel_config, pipeline_pixel_recipe_base)
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
 
@@ -78,7 +78,7 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
     registered (each left out, with a warning, when there is none; `pretrained-pixels` without
     a word when the stage is off, as it is by default), the datasets default to the labeled
     ones, and recipe rows pretrain like the pipeline's pretrain stage (its settings, datasets
-    and tokenizer) with their own overrides."""
+    and tokenizer) with their own overrides, pixel recipe rows like its pretrain-pixels stage."""
     stage = config.evaluate
     pixels_on = PIXEL_STAGE in config.stages and config.pretrain_pixels is not None
     models = []
@@ -104,14 +104,17 @@ def evaluation_grid(catalog: Catalog, config: PipelineConfig, pretrained_ref: st
     if not models or not datasets:
         get_run_logger().warning("evaluate skipped: no labeled datasets" if not datasets else "evaluate skipped: no models")
         return None
-    base = None
-    if any(m.is_recipe for m in models):
+    base = pixel_base = None
+    if any(m.pretrain is not None for m in models):
         base = GridPretrain(datasets=pretraining_datasets(catalog, config, config.pretrain.datasets, "pretrain.datasets"), preset="default",
                             tokenizer=config.pretrain.tokenizer or tokenizer_ref,
                             config=config.pretrain.model_dump(mode="json", exclude={"datasets", "tokenizer"}))
+    if any(m.is_pixel_recipe for m in models):
+        pixel_base = pipeline_pixel_recipe_base(config, pretraining_datasets(
+            catalog, config, pipeline_pixel_config(config).datasets, "pretrain_pixels.datasets"))
     return GridConfig(name=config.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
-                      set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base, parallel=stage.parallel,
-                      experiment=config.tracking.experiment)
+                      set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base, pretrain_pixels=pixel_base,
+                      parallel=stage.parallel, experiment=config.tracking.experiment)
 
 
 @flow(name="pipeline", flow_run_name=run_name_from("pipeline", "config"), description="Run the configured stages (in DAG order) over the configured datasets.")

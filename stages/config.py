@@ -482,13 +482,13 @@ def scratch_pixels_preset(ref: str | None) -> str | None:
 
 class GridModel(StrictModel):
     """One row of the results grid: a finished model, `scratch`, `scratch-pixels:PRESET`, or a pretraining recipe
-    trained on demand."""
+    (VIMPAC on tokens, or ST-MAE on pixels) trained on demand."""
 
     ref: str | None = Field(None, description="models:/NAME/VERSION|latest (MLflow registry), a pretrain or pretrain-pixels "
                             "(ST-MAE) checkpoint path or run folder, `scratch` (the token backbone of the fine-tune config's "
                             "model.scratch_preset, randomly initialised) or `scratch-pixels:PRESET` (the ST-MAE encoder a "
                             "pretrain-pixels preset trains, e.g. tiny, randomly initialised; bare `scratch-pixels`: preset default). "
-                            "Leave empty for a recipe (`pretrain:`).")
+                            "Leave empty for a recipe (`pretrain:` or `pretrain_pixels:`).")
     name: str | None = Field(None, description="Label in reports (default: the model's recipe, e.g. small-5x128-mp+cl); "
                              "required for a recipe.")
     preset: str | None = Field(None, description="Fine-tuning preset for this model's cells (overrides the grid's).")
@@ -496,6 +496,11 @@ class GridModel(StrictModel):
         None, description="A pretraining recipe instead of a finished model: pretrain settings over the grid's `pretrain` base, "
         "as dotted keys ({model.objective: mp, masking.strategy: iid}) or nested mappings. Trained on demand (once per seed, "
         "cached by its run key) before its cells run.",
+    )
+    pretrain_pixels: dict[str, Any] | None = Field(
+        None, description="A pixel pretraining recipe (ST-MAE, the pretrain-pixels stage) instead of a finished model: "
+        "pretrain-pixels settings over the grid's `pretrain_pixels` base, as dotted keys ({model.mask_ratio: 0.9}) or nested "
+        "mappings ({} is the base as it is). Trained on demand (once per seed, cached by its run key) before its cells run.",
     )
 
     @field_validator("name")
@@ -507,11 +512,15 @@ class GridModel(StrictModel):
 
     @model_validator(mode="after")
     def _ref_or_recipe(self) -> "GridModel":
-        if self.pretrain is None and not self.ref:
-            raise ValueError("a grid model needs `ref` (scratch, models:/..., a checkpoint) or `pretrain` (a recipe)")
-        if self.pretrain is not None and self.ref:
-            raise ValueError(f"grid model {self.name or self.ref!r}: give `ref` or `pretrain`, not both")
-        if self.pretrain is not None and not self.name:
+        given = [k for k, v in (("ref", self.ref), ("pretrain", self.pretrain), ("pretrain_pixels", self.pretrain_pixels))
+                 if v is not None and v != ""]
+        if not given:
+            raise ValueError("a grid model needs `ref` (scratch, models:/..., a checkpoint), `pretrain` (a recipe) or "
+                             "`pretrain_pixels` (a pixel recipe)")
+        if len(given) > 1:
+            raise ValueError(f"grid model {self.name or self.ref!r}: give one of `ref`, `pretrain`, `pretrain_pixels`, "
+                             f"not {' and '.join(given)}")
+        if self.is_recipe and not self.name:
             raise ValueError("a pretraining recipe in a grid needs a `name` (it labels its rows in the report)")
         pixels = scratch_pixels_preset(self.ref)
         if pixels is not None and pixels not in PRESETS["pretrain-pixels"]:
@@ -521,7 +530,12 @@ class GridModel(StrictModel):
 
     @property
     def is_recipe(self) -> bool:
-        return self.pretrain is not None
+        """Trained on demand by the evaluate flow: a token (`pretrain`) or pixel (`pretrain_pixels`) recipe."""
+        return self.pretrain is not None or self.pretrain_pixels is not None
+
+    @property
+    def is_pixel_recipe(self) -> bool:
+        return self.pretrain_pixels is not None
 
     @property
     def label(self) -> str:
@@ -529,7 +543,7 @@ class GridModel(StrictModel):
 
     def recipe_overrides(self) -> list[str]:
         """The recipe's settings as `a.b=value` overrides (nested mappings flattened)."""
-        return _as_overrides(self.pretrain or {})
+        return _as_overrides(self.pretrain_pixels if self.is_pixel_recipe else self.pretrain or {})
 
 
 def _as_overrides(data: dict[str, Any], prefix: str = "") -> list[str]:
@@ -556,6 +570,17 @@ class GridPretrain(StrictModel):
     preset: str = Field("small", description="Pretrain preset every recipe starts from (pretrain presets: small, base, tiny, ...).")
     config: dict[str, Any] = Field(default_factory=dict, description="PretrainConfig settings over the preset, before each recipe's own.")
     set: list[str] = Field(default_factory=list, description="`a.b=value` pretrain overrides applied before each recipe's own.")
+
+
+class GridPixelPretrain(StrictModel):
+    """The base of a grid's pixel (ST-MAE) pretraining recipes: which frame shards, which pretrain-pixels preset."""
+
+    datasets: list[str] = Field(default_factory=list, description="Datasets whose frame shards pixel recipes pretrain on "
+                                "(in a pipeline: default the pretrain-pixels stage's datasets).")
+    preset: str = Field("default", description="Pretrain-pixels preset every pixel recipe starts from (tiny, micro, mae_st, hvm1, ...).")
+    config: dict[str, Any] = Field(default_factory=dict, description="PixelPretrainConfig settings over the preset, before each "
+                                   "recipe's own.")
+    set: list[str] = Field(default_factory=list, description="`a.b=value` pretrain-pixels overrides applied before each recipe's own.")
 
 
 class GridDataset(StrictModel):
@@ -595,6 +620,8 @@ class GridConfig(StrictModel):
         "Empty: each config's own seed.",
     )
     pretrain: GridPretrain | None = Field(None, description="Base of the recipe rows' pretraining (required when a model has `pretrain:`).")
+    pretrain_pixels: GridPixelPretrain | None = Field(
+        None, description="Base of the pixel recipe rows' ST-MAE pretraining (required when a model has `pretrain_pixels:`).")
     parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several; CPU: 1).")
     experiment: str = operational("vimpac", description="MLflow experiment.")
 
@@ -605,12 +632,19 @@ class GridConfig(StrictModel):
 
     @model_validator(mode="after")
     def _recipes_have_a_base(self) -> "GridConfig":
-        recipes = [m.name for m in self.models if m.is_recipe]
+        recipes = [m.name for m in self.models if m.pretrain is not None]
         if recipes and self.pretrain is None:
             raise ValueError(f"models {', '.join(recipes)} are pretraining recipes: the grid needs a `pretrain:` section "
                              "(datasets, tokenizer, preset) to train them on")
         if recipes and self.pretrain is not None and not self.pretrain.datasets:
             raise ValueError("grid `pretrain.datasets` must name the datasets the recipes pretrain on")
+        pixels = [m.name for m in self.models if m.is_pixel_recipe]
+        if pixels and self.pretrain_pixels is None:
+            raise ValueError(f"models {', '.join(pixels)} are pixel pretraining recipes: the grid needs a `pretrain_pixels:` "
+                             "section (datasets, preset) to train them on")
+        if pixels and self.pretrain_pixels is not None and not self.pretrain_pixels.datasets:
+            raise ValueError("grid `pretrain_pixels.datasets` must name the datasets whose frame shards the pixel recipes "
+                             "pretrain on")
         labels = [m.label for m in self.models]
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
@@ -748,6 +782,14 @@ def pipeline_pixel_config(config: PipelineConfig) -> PixelPretrainConfig:
     if cfg.data.size is None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"size": config.frames.size})})
     return cfg
+
+
+def pipeline_pixel_recipe_base(config: PipelineConfig, datasets: list[str]) -> GridPixelPretrain:
+    """The base of the pipeline evaluate grid's pixel recipes (the flow's and `vimpac plan`'s):
+    the pipeline's pretrain-pixels settings (its defaults when the section is unset) on `datasets`,
+    so a recipe differs from the stage's own run by its overrides only."""
+    cfg = pipeline_pixel_config(config)
+    return GridPixelPretrain(datasets=datasets, preset="default", config=cfg.model_dump(mode="json", exclude={"datasets"}))
 
 
 # Named presets: partial dicts applied over the defaults, so a preset only states what differs.

@@ -50,6 +50,7 @@ from stages.config import (
     cache_dict,
     config_hash,
     pipeline_pixel_config,
+    pipeline_pixel_recipe_base,
     scratch_pixels_preset,
 )
 from stages.finetune.grid import expand_grid, recipe_configs
@@ -820,14 +821,16 @@ class _Planner:
                 r.skipped = f"skipped: an earlier stage fails for {', '.join(blocked)}"
             self.rows.extend(by_dataset.values())
             return
-        base = None
-        if any(m.is_recipe for m in models):
+        base = pixel_base = None
+        if any(m.pretrain is not None for m in models):
             base = GridPretrain(datasets=[d for d in (self.cfg.pretrain.datasets or self.pretraining_names())], preset="default",
                                 tokenizer=self.cfg.pretrain.tokenizer,
                                 config=self.cfg.pretrain.model_dump(mode="json", exclude={"datasets", "tokenizer"}))
+        if any(m.is_pixel_recipe for m in models):
+            pixel_base = pipeline_pixel_recipe_base(self.cfg, pipeline_pixel_config(self.cfg).datasets or self.pretraining_names())
         try:
             grid = GridConfig(name=self.cfg.name, models=models, datasets=datasets, presets=stage.presets, finetune=stage.finetune,
-                              set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base)
+                              set=stage.set, protocols=stage.protocols, seeds=stage.seeds, pretrain=base, pretrain_pixels=pixel_base)
             cells = expand_grid(grid)
             recipes = recipe_configs(grid)
         except (ConfigError, ValueError) as e:  # as the evaluate flow: a bad preset or override fails the whole grid
@@ -842,7 +845,8 @@ class _Planner:
                 recipe = pending_recipes.get((c.model.name, c.seed))
                 if recipe is None or isinstance(recipe, str):
                     row.run += 1
-                    row.add(upstream("pretrain", f"recipe {c.model.name}") if recipe is None else recipe)
+                    stage_name = PIXEL_STAGE if c.model.is_pixel_recipe else "pretrain"
+                    row.add(upstream(stage_name, f"recipe {c.model.name}") if recipe is None else recipe)
                     continue
                 c = dataclasses.replace(c, model=recipe)
             self.cell(row, c.model, c.dataset, c.split, c.config, kind=c.kind, methods=c.methods, pixel_only=pixel_only)
@@ -865,6 +869,8 @@ class _Planner:
         if model.ref == PRETRAINED_PIXELS:
             # This run's pretrain-pixels row: known once its key is (None while frames change).
             return PIXEL_FAMILY, *(self.pixels or (None, None))
+        if model.is_pixel_recipe:
+            return PIXEL_FAMILY, None, None  # planned by recipe_rows; its cells then see its checkpoint
         if model.is_recipe or model.ref in (SCRATCH, PRETRAINED):
             return TOKEN_FAMILY, None, None
         if model.ref.startswith("models:/"):
@@ -941,17 +947,23 @@ class _Planner:
         return [n for n in names if n not in labeled] or names
 
     def recipe_rows(self, recipes) -> dict:
-        """A `pretrain` plan row per recipe of the evaluate grid (units: its seeds); returns
-        (name, seed) -> the finished model it stands for, or None where it would train first."""
+        """A `pretrain` (token recipe) or `pretrain-pixels` (pixel recipe) plan row per recipe of
+        the evaluate grid (units: its seeds); returns (name, seed) -> the finished model it stands
+        for, a failure text, or None where it would train first."""
+        from stages.pretrain.pixels import pixel_run
         from stages.pretrain.train import pretrain_run
 
         out: dict = {}
         rows: dict[str, StagePlan] = {}
         for model, seed, cfg in recipes:
-            row = rows.setdefault(model.name, StagePlan("pretrain", f"recipe {model.name} ({'+'.join(cfg.datasets)})", "run"))
+            stage = PIXEL_STAGE if model.is_pixel_recipe else "pretrain"
+            row = rows.setdefault(model.name, StagePlan(stage, f"recipe {model.name} ({'+'.join(cfg.datasets)})", "run"))
             if self.force:
                 row.run += 1
                 row.add(FORCED)
+                continue
+            if model.is_pixel_recipe:
+                out[(model.name, seed)] = self.pixel_recipe(row, model, cfg, pixel_run)
                 continue
             changed = [n for n in cfg.datasets if (t := self.tokens.get(n)) and t.changed]
             if changed:
@@ -974,6 +986,27 @@ class _Planner:
                 row.add(UNFINISHED if run.last.exists() else NEW)
         self.rows.extend(rows.values())
         return out
+
+    def pixel_recipe(self, row: StagePlan, model, cfg, pixel_run) -> GridModel | str | None:
+        """One seed of a pixel recipe, as the pretrain-pixels flow will find it: its run key over
+        the committed frame shards (new frame shards of its datasets make a new key)."""
+        changed = [n for n in cfg.datasets if (f := self.frames.get(n)) and f.new_hi and cfg.data.size in (None, f.size)]
+        if changed:
+            row.run += 1
+            row.add(upstream("frames", ", ".join(changed)))
+            return None
+        try:
+            run = pixel_run(self.root, list(cfg.datasets), cfg, self.world_size)
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            row.error = f"fails: {e}"
+            return f"fails: pixel recipe {model.name}: {e}"
+        row.notes.append(f"run key {run.run_key} (checkpoints/{PIXEL_STAGE}/{run.run_key})")
+        if run.finished:
+            row.cached += 1
+            return GridModel(ref=str(run.final), name=model.name, preset=model.preset)
+        row.run += 1
+        row.add(UNFINISHED if run.last.exists() else NEW)
+        return None
 
     def cell(self, row: StagePlan, model, dataset: str, split: str, cfg: FinetuneConfig, *, kind: str = "finetune",
              methods: list[str] | None = None, pixel_only: bool = False) -> None:

@@ -433,3 +433,27 @@ def test_cache_dict_recurses_and_drops_nested_operational_fields():
     assert d["tracking"] == {}
     assert d["ingest"] == cache_dict(cfg.ingest)
     assert config_hash(cfg) == config_hash(PipelineConfig())
+
+
+def test_a_grid_pixel_recipe_needs_a_name_a_base_with_datasets_and_builds_over_its_preset():
+    from stages.config import GridConfig
+    from stages.finetune.grid import recipe_configs
+
+    rows = [{"name": "st-mae", "pretrain_pixels": {"model.mask_ratio": 0.5}}]
+    base = {"datasets": ["raw"], "preset": "tiny", "set": ["train.epochs=3"]}
+    grid = build(GridConfig, {"models": rows, "datasets": ["toy"], "seeds": [0, 2], "pretrain_pixels": base})
+    [(_, s0, c0), (_, s2, c2)] = recipe_configs(grid)
+    assert (s0, s2, c0.train.seed, c2.train.seed) == (0, 2, 0, 2)
+    assert (c2.model.preset, c2.model.mask_ratio, c2.train.epochs, c2.data.frames, c2.datasets) == ("tiny", 0.5, 3, 8, ["raw"])
+    with pytest.raises(ConfigError, match="needs a `pretrain_pixels:` section"):
+        build(GridConfig, {"models": rows, "datasets": ["toy"]})
+    with pytest.raises(ConfigError, match="must name the datasets whose frame shards"):
+        build(GridConfig, {"models": rows, "datasets": ["toy"], "pretrain_pixels": {"preset": "tiny"}})
+    with pytest.raises(ConfigError, match="needs a `name`"):
+        build(GridConfig, {"models": [{"pretrain_pixels": {}}], "datasets": ["toy"], "pretrain_pixels": base})
+    with pytest.raises(ConfigError, match="not pretrain and pretrain_pixels"):
+        build(GridConfig, {"models": [{"name": "x", "pretrain": {}, "pretrain_pixels": {}}], "datasets": ["toy"],
+                           "pretrain_pixels": base, "pretrain": {"datasets": ["raw"]}})
+    with pytest.raises(ConfigError, match="unknown config key 'model.mask_ratioo'"):
+        recipe_configs(build(GridConfig, {"models": [{"name": "x", "pretrain_pixels": {"model.mask_ratioo": 1}}],
+                                          "datasets": ["toy"], "pretrain_pixels": base}))

@@ -92,3 +92,71 @@ def test_pipeline_pretrains_pixels_once_plans_it_and_evaluates_its_encoder_besid
                                                                       "models": ["scratch-pixels:micro", "pretrained-pixels"]}})
     stages = {r.stage for r in plan_pipeline(off, root).stages}
     assert stages == {"evaluate"}
+
+
+def test_a_grid_trains_its_pixel_recipe_once_per_seed_and_caches_it(prefect_harness, root):
+    """A `pretrain_pixels:` row is pretrained on demand like a token recipe: once per seed (the
+    seed is its pretraining's train.seed, so a run key of its own), its rows carry the recipe's
+    name, and a second run of the grid trains nothing."""
+    from flows.evaluate import evaluate
+    from stages.config import GridConfig
+    from stages.finetune.grid import recipe_configs
+
+    labeled_frames(root, "toy", labeled_dataset(root, "toy"))
+    unlabeled_frames(root, "raw")
+    grid = build(GridConfig, {
+        "name": "pixel-recipes", "models": [{"name": "st-mae", "pretrain_pixels": {"model.mask_ratio": 0.5}}],
+        "datasets": [{"name": "toy", "splits": ["1"]}], "presets": ["micro"], "protocols": ["finetune", "knn"], "seeds": [0, 1],
+        "pretrain_pixels": {"datasets": ["raw"], "preset": "micro", "set": ["train.device=cpu", "train.checkpoint_every=1"]},
+        "set": ["train.device=cpu", "train.epochs=1"]})
+    configs = recipe_configs(grid)
+    assert [(m.name, s, c.train.seed, c.model.mask_ratio, c.model.preset) for m, s, c in configs] == \
+        [("st-mae", 0, 0, 0.5, "micro"), ("st-mae", 1, 1, 0.5, "micro")]
+
+    first = evaluate(grid, str(root.home))
+    assert not first["failed"] and len(first["cells"]) == 2 * 2  # seeds x {finetune, probe}
+    catalog = Catalog(root)
+    pretrains = catalog.rows("SELECT summary->>'run_key', summary->>'cached', summary->>'run_name' FROM runs "
+                             "WHERE stage = 'pretrain-pixels' ORDER BY ALL")
+    assert len(pretrains) == 2 and len({k for k, _, _ in pretrains}) == 2, "one pretraining per seed, each its own run key"
+    assert {(c, n) for _, c, n in pretrains} == {("false", "micro-4x16-st_mae-r0.5")}
+    rows = catalog.rows("SELECT pretrain_recipe, protocol, seed, count(DISTINCT pretrain_run) FROM results "
+                        "WHERE grid = 'pixel-recipes' AND metric = 'top1' GROUP BY ALL ORDER BY ALL")
+    assert rows == [("st-mae", p, s, 1) for p in ("finetune", "knn:cls", "knn:mean") for s in (0, 1)]
+    runs = {r for (r,) in catalog.rows("SELECT DISTINCT pretrain_run FROM results WHERE grid = 'pixel-recipes'")}
+    assert runs == {k for k, _, _ in pretrains}, "each seed's rows name that seed's pretraining run"
+
+    again = evaluate(grid, str(root.home))
+    assert all(c["cached"] for c in again["cells"].values())
+    cached = catalog.rows("SELECT summary->>'cached' FROM runs WHERE stage = 'pretrain-pixels' AND status = 'completed' "
+                          "ORDER BY finished_at DESC LIMIT 2")
+    assert [c for (c,) in cached] == ["true", "true"], "the recipe is trained once: the second run reuses it"
+
+
+def test_plan_shows_the_pipeline_grids_pixel_recipe_as_would_run_then_cached(prefect_harness, root):
+    """`vimpac plan` gives a pixel recipe of the pipeline's grid a pretrain-pixels row (its seeds
+    are its units) and counts its cells as waiting on it until it is trained."""
+    from flows.pipeline import pipeline
+
+    labeled_frames(root, "toy", labeled_dataset(root, "toy"))
+    unlabeled_frames(root, "raw")
+    cfg = build(PipelineConfig, {**config().model_dump(mode="json", exclude={"stages", "evaluate", "pretrain_pixels"}),
+                                 "stages": ["evaluate"],
+                                 "evaluate": {"models": [{"name": "st-mae", "pretrain_pixels": {
+                                     "model": {"preset": "micro", "mask_ratio": 0.75}, "data": {"frames": 4, "repeat": 2, "holdout_videos": 0},
+                                     "train": {"batch_size": 2, "epochs": 1, "warmup_epochs": 0, "device": "cpu"}}}],
+                                     "datasets": [{"name": "toy", "splits": ["1"]}], "presets": ["micro"],
+                                     "set": ["train.device=cpu", "train.epochs=1"]}})
+    plan = {(r.stage, r.dataset): r for r in plan_pipeline(cfg, root).stages}
+    recipe = plan[("pretrain-pixels", "recipe st-mae (raw)")]
+    assert (recipe.run, recipe.cached, recipe.reason_text()) == (1, 0, "new input")
+    run_key = next(n for n in recipe.notes if n.startswith("run key ")).split()[2]
+    evaluate = plan[("evaluate", "toy")]
+    assert evaluate.run == 1 and evaluate.reasons == {"upstream changed (pretrain-pixels recipe st-mae)": 1}
+
+    summaries = pipeline(cfg, str(root.home))
+    assert not summaries["evaluate/pixels"]["failed"]
+    assert Catalog(root).rows("SELECT DISTINCT pretrain_recipe, pretrain_run FROM results WHERE grid = 'pixels'") == [("st-mae", run_key)]
+    replan = {(r.stage, r.dataset): r for r in plan_pipeline(cfg, root).stages}
+    assert replan[("pretrain-pixels", "recipe st-mae (raw)")].cached == 1
+    assert (replan[("evaluate", "toy")].cached, replan[("evaluate", "toy")].run) == (1, 0)

@@ -7,14 +7,26 @@ seed; `linear_probe` and `knn` share one `probe` cell per model, dataset, split 
 frozen features are computed once, with the first preset's clip settings); `bag_of_codes` is one
 cell per dataset, split and seed, whatever the models. A model is a token backbone or a pixel
 (ST-MAE) one; which, its checkpoint tells when the cell runs, so nothing here depends on it. Seeds (grid `seeds:`) set every cell's
-`train.seed` and, for recipe rows, the pretraining seed (flows/evaluate.py).
+`train.seed` and, for recipe rows (token `pretrain:` and pixel `pretrain_pixels:` recipes alike),
+the pretraining seed (flows/evaluate.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stages.config import FinetuneConfig, GridConfig, GridModel, GridPretrain, PretrainConfig, build, deep_merge, preset
+from stages.config import (
+    FinetuneConfig,
+    GridConfig,
+    GridModel,
+    GridPixelPretrain,
+    GridPretrain,
+    PixelPretrainConfig,
+    PretrainConfig,
+    build,
+    deep_merge,
+    preset,
+)
 
 FINETUNE, PROBE, BAG_OF_CODES = "finetune", "probe", "bag_of_codes"
 PROBE_METHODS = ("linear_probe", "knn")
@@ -86,9 +98,23 @@ def recipe_config(base: GridPretrain, model: GridModel, seed: int | None) -> Pre
     return build(PretrainConfig, data, overrides)
 
 
-def recipe_configs(grid: GridConfig) -> list[tuple[GridModel, int | None, PretrainConfig]]:
-    """Every (recipe row, seed) pretraining the grid needs, validated up front."""
-    if grid.pretrain is None:
-        return []
+def pixel_recipe_config(base: GridPixelPretrain, model: GridModel, seed: int | None) -> PixelPretrainConfig:
+    """A pixel recipe row's pretrain-pixels config, built as a token recipe's: the base preset and
+    settings, the recipe's own overrides, then the seed (so each seed is its own run key)."""
+    overrides = list(base.set) + model.recipe_overrides() + ([f"train.seed={seed}"] if seed is not None else [])
+    data = deep_merge(deep_merge(preset("pretrain-pixels", base.preset), base.config), {"datasets": list(base.datasets)})
+    return build(PixelPretrainConfig, data, overrides)
+
+
+def recipe_configs(grid: GridConfig) -> list[tuple[GridModel, int | None, PretrainConfig | PixelPretrainConfig]]:
+    """Every (recipe row, seed) pretraining the grid needs, validated up front: a PretrainConfig
+    for a token recipe, a PixelPretrainConfig for a pixel one (`model.is_pixel_recipe`)."""
     seeds: list[int | None] = list(grid.seeds) if grid.seeds else [None]
-    return [(m, s, recipe_config(grid.pretrain, m, s)) for s in seeds for m in grid.models if m.is_recipe]
+    out: list[tuple[GridModel, int | None, PretrainConfig | PixelPretrainConfig]] = []
+    for s in seeds:
+        for m in grid.models:
+            if m.is_pixel_recipe and grid.pretrain_pixels is not None:
+                out.append((m, s, pixel_recipe_config(grid.pretrain_pixels, m, s)))
+            elif m.pretrain is not None and grid.pretrain is not None:
+                out.append((m, s, recipe_config(grid.pretrain, m, s)))
+    return out
