@@ -28,6 +28,7 @@ from stages.config import (
     load_pipeline_file,
     preset,
     resolve_pipeline,
+    scratch_pixels_preset,
 )
 from warehouse.layout import DataRoot
 
@@ -184,8 +185,10 @@ def load_grid(path: Path, overrides: list[str]) -> GridConfig:
     data = load_pipeline_file(path)
     for m in data.get("models") or []:
         ref = m.get("ref") if isinstance(m, dict) else m
-        # A checkpoint path in the grid file is relative to the file, like dataset sources.
-        if isinstance(ref, str) and ref != "scratch" and "://" not in ref and not Path(ref).expanduser().is_absolute():
+        # A checkpoint path in the grid file is relative to the file, like dataset sources; the
+        # named rows (scratch, scratch-pixels:PRESET) and registry or URL refs are not paths.
+        if (isinstance(ref, str) and ref != "scratch" and scratch_pixels_preset(ref) is None and not ref.startswith("models:/")
+                and "://" not in ref and not Path(ref).expanduser().is_absolute()):
             resolved = str((path.parent / Path(ref).expanduser()).resolve())
             if isinstance(m, dict):
                 m["ref"] = resolved

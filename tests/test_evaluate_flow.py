@@ -146,3 +146,15 @@ def test_recipe_rows_pretrain_once_per_seed_and_every_seed_is_its_own_row(prefec
     assert all(c["cached"] for c in again["cells"].values())
     cached = catalog.rows("SELECT summary->>'cached' FROM runs WHERE stage = 'pretrain' AND status = 'completed' ORDER BY finished_at DESC LIMIT 2")
     assert [c for (c,) in cached] == ["true", "true"], "the recipe is trained once: the second run reuses it"
+
+
+def test_grid_file_paths_resolve_against_the_file_and_named_rows_stay_as_written(tmp_path):
+    """A relative checkpoint in a grid file is the file's neighbour; `scratch`, `scratch-pixels:PRESET`
+    and registry refs (`models:/NAME/VERSION`, which has no `://`) are names, never paths."""
+    grid = tmp_path / "grids" / "g.yaml"
+    grid.parent.mkdir()
+    grid.write_text("name: g\nmodels: [scratch, 'scratch-pixels:tiny', 'models:/vimpac-backbone/3', ckpts/a.pt,\n"
+                    "         {ref: 'models:/vimpac-backbone-pixels/latest', name: px}]\ndatasets: [d]\n")
+    refs = [m.ref for m in load_grid(grid, []).models]
+    assert refs == ["scratch", "scratch-pixels:tiny", "models:/vimpac-backbone/3", str(tmp_path / "grids" / "ckpts" / "a.pt"),
+                    "models:/vimpac-backbone-pixels/latest"]
