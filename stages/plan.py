@@ -692,18 +692,10 @@ class _Planner:
             row.run = 1
             row.add(upstream("tokenize", ", ".join(changed)))
             row.notes.append("its key covers every committed token shard of its datasets: new shards train a new model")
-        elif run.finished:
-            row.cached = 1
         else:
-            row.run = 1
-            if run.last.exists():
-                row.add(UNFINISHED)
-            else:
-                reason, notes = self.classify_training("pretrain", run.run_key, {
-                    "code": CODE_VERSION, "config": config_hash(cfg), "data": run.data_fingerprint, "tokenizer": run.tokenizer,
-                    "world": self.world_size}, cfg, row)
-                row.add(reason)
-                row.notes.extend(notes)
+            self.finished_or_why(row, "pretrain", run, {
+                "code": CODE_VERSION, "config": config_hash(cfg), "data": run.data_fingerprint, "tokenizer": run.tokenizer,
+                "world": self.world_size}, cfg)
         # Token shards of one dataset from two frame settings (a new size or fps beside the old
         # one, all tokenized by a new tokenizer) are refused by the pretrain data loader.
         mixed = {n: s for n in changed if len(s := self.token_settings(n, identity)) > 1}
@@ -750,19 +742,25 @@ class _Planner:
             row.run = 1
             row.add(upstream("frames", ", ".join(changed)))
             row.notes.append("its key covers every committed frame shard of its datasets at this size: new shards train a new model")
-        elif run.finished:
-            row.cached = 1
         else:
-            row.run = 1
-            if run.last.exists():
-                row.add(UNFINISHED)
-            else:
-                reason, notes = self.classify_training(PIXEL_STAGE, run.run_key, {
-                    "code": CODE_VERSION, "config": config_hash(pcfg), "data": run.data_fingerprint, "world": self.world_size},
-                    pcfg, row)
-                row.add(reason)
-                row.notes.extend(notes)
+            self.finished_or_why(row, PIXEL_STAGE, run, {
+                "code": CODE_VERSION, "config": config_hash(pcfg), "data": run.data_fingerprint, "world": self.world_size}, pcfg)
         self.rows.append(row)
+
+    def finished_or_why(self, row: StagePlan, stage: str, run, entry: dict, cfg) -> None:
+        """A training stage whose run key is known: cached when its run finished, else one run,
+        unfinished (a resume checkpoint exists) or why the key is new (`entry` is what the key
+        hashes, compared with earlier runs')."""
+        if run.finished:
+            row.cached = 1
+            return
+        row.run = 1
+        if run.last.exists():
+            row.add(UNFINISHED)
+            return
+        reason, notes = self.classify_training(stage, run.run_key, entry, cfg, row)
+        row.add(reason)
+        row.notes.extend(notes)
 
     def token_settings(self, dataset: str, identity: str | None) -> set[tuple[str, int, float]]:
         """(variant, size, fps) of a dataset's token shards of `identity` once tokenize has run: it
