@@ -22,7 +22,8 @@ Then, each as a user runs it (a fresh `vimpac` process, wall time):
               timed inside its process: the lookups without the imports)
 
 before compaction (each cut at --before-timeout seconds: at this scale they take minutes),
-then `vimpac compact` (timed), the same after, and an incremental step: 1,000 more videos
+then `vimpac compact` (timed; beside it, as the baseline, `vimpac compact --readers 1` on a copy
+of the same catalog: one DuckDB connection reading the unit files in turn), the same after, and an incremental step: 1,000 more videos
 ingested into howto100m and `vimpac compact` again (rows it rewrote: about 1,000, not the
 catalog). The last line reads
 
@@ -347,8 +348,8 @@ def catalog_files(home: Path) -> int:
                and "sources" not in p.parts)
 
 
-def compact(home: Path) -> tuple[float, str]:
-    seconds, out = timed([sys.executable, "-m", "flows.cli", "--home", str(home), "compact"], None)
+def compact(home: Path, *options: str) -> tuple[float, str]:
+    seconds, out = timed([sys.executable, "-m", "flows.cli", "--home", str(home), "compact", *options], None)
     return seconds, out
 
 
@@ -400,8 +401,18 @@ def main() -> int:
 
     timeout = args.before_timeout or None
     before, _ = measure(home, plan, identity, timeout, "before compaction")
+    # The baseline, in the same run: the same catalog compacted with one reader (how compaction
+    # read its unit files before they were read in chunks side by side), on a copy.
+    baseline_home = home.with_name(home.name + "-one-reader")
+    shutil.rmtree(baseline_home, ignore_errors=True)
+    shutil.copytree(home, baseline_home, symlinks=True)
+    os.sync()
     compact_s, compact_out = compact(home)
     print(f"  vimpac compact    {compact_s:.1f} s\n" + "\n".join("    " + line for line in compact_out.splitlines()), flush=True)
+    one_reader_s, one_reader_out = compact(baseline_home, "--readers", "1")
+    print(f"  vimpac compact --readers 1 (baseline) {one_reader_s:.1f} s\n"
+          + "\n".join("    " + line for line in one_reader_out.splitlines()), flush=True)
+    shutil.rmtree(baseline_home, ignore_errors=True)
     files_after = catalog_files(home)
     after, outputs = measure(home, plan, identity, None, "after compaction")
     counted = outputs["count"].split()[-1]
@@ -434,6 +445,7 @@ def main() -> int:
     for name in before:
         lines.append(f"| {name} | {cell(before[name], timeout)} | {cell(after[name])} | {TARGETS.get(name, '-')} |")
     lines += [f"| vimpac compact (all of it) | | {compact_s:.1f} | 120 |",
+              f"| baseline: vimpac compact --readers 1 (a copy of the same catalog) | | {one_reader_s:.1f} | |",
               f"| vimpac compact after +{args.add:,} videos | | {add_s:.1f} ({rewritten:,} rows written) | |", ""]
     final = (f"catalog-scale: videos={args.videos} units={units} files={files_after} status_s={after['status']:.2f} "
              f"count_s={after['count']:.2f} plan_s={after['plan']:.2f}")

@@ -120,6 +120,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no vimpac catalog under {root.home} (run a stage first, or pass --home)")
     t0 = time.perf_counter()
     sizes = {"target_rows": args.target_rows} if args.target_rows else {}
+    if args.readers:
+        sizes["readers"] = args.readers
     results = compact_all(root, datasets=args.dataset, wait=args.wait, report=lambda r: print(r.describe(), flush=True), **sizes)
     done = [r for r in results if not r.skipped]
     print(f"compacted {len(done)} of {len(results)} (stage, dataset) pairs in {time.perf_counter() - t0:.1f} s: "
@@ -677,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge committed unit files into large per-dataset files (stage runs do it at their end)")
     p.add_argument("--dataset", action="append", metavar="NAME", help="only this dataset (repeatable; default: all)")
     p.add_argument("--target-rows", type=int, help="rows per compacted file (default 1,000,000)")
+    p.add_argument("--readers", type=int, help="DuckDB connections reading each compaction's unit files side by side "
+                   "(default: half the cores, at most 2, as two compactions run at a time)")
     p.add_argument("--wait", action="store_true",
                    help="wait for a running stage of a dataset instead of skipping it (it compacts when it ends anyway)")
     p.set_defaults(func=cmd_compact)

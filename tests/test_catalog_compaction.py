@@ -19,6 +19,7 @@ from media_fixtures import make_video
 from stages.config import DatasetConfig, IngestConfig
 from stages.ingest.stage import run_ingest
 from stages.reporting import RecordingReporter
+import warehouse.compact as compact_module
 from warehouse.catalog import Catalog, file_lock, reading_files
 from warehouse.compact import compact, compact_all, stage_lock_path
 from warehouse.layout import DataRoot
@@ -102,11 +103,15 @@ def built(root) -> tuple[DataRoot, dict]:
 
 # ---------------------------------------------------------------- the views before and after
 
-def test_views_are_identical_before_and_after_compaction(built):
+@pytest.mark.parametrize("chunk_files, readers", [(compact_module.CHUNK_FILES, compact_module.READERS), (1, 3), (2, 1)])
+def test_views_are_identical_before_and_after_compaction(built, monkeypatch, chunk_files, readers):
+    """Also with the unit files read one or two per chunk, by several readers at once (as at
+    scale) or by one."""
+    monkeypatch.setattr(compact_module, "CHUNK_FILES", chunk_files)
     root, before = built
     assert len(before["videos"]) == 43 and len(before["videos_log"]) == 44, "orphan rows only in the log"
     units_before = len(catalog_files(root))
-    results = compact_all(root)
+    results = compact_all(root, readers=readers)
     assert {(r.stage, r.dataset) for r in results if r.units} == {
         ("ingest", "big"), ("frames", "big"), ("tokenize", "big"), ("ingest", "small"), ("frames", "small")}
     assert snapshot(root) == before
@@ -268,8 +273,6 @@ def test_a_stage_compacts_at_its_end_once_enough_units_are_waiting(root, tmp_pat
     run_ingest(root, ds, IngestConfig(workers=1, batch_size=1), run_id="few", reporter=rep)
     assert len(list(root.table_dir("videos", "auto").glob("*.parquet"))) == 3, "3 units: below AUTO_MIN_UNITS"
     assert (root.tables / "summaries" / "datasets" / "auto.parquet").exists(), "summaries are kept anyway"
-    import warehouse.compact as compact_module
-
     monkeypatch.setattr(compact_module, "AUTO_MIN_UNITS", 2)
     make_video(src / "c3.mp4", seed=3, frames=6)
     run_ingest(root, ds, IngestConfig(workers=1, batch_size=1), run_id="more", reporter=rep)
@@ -366,6 +369,23 @@ def test_status_command_after_compaction(built, capsys):
     assert "big" in out and "small" in out and "units of work" in out
     assert main(["--home", str(root.home), "sql", "SELECT count(*) AS n FROM videos", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 43}]
+
+
+@pytest.mark.parametrize("chunk_files", [compact_module.CHUNK_FILES, 1])
+def test_a_unit_file_written_before_a_column_existed_is_compacted_with_the_column_null(built, monkeypatch, chunk_files):
+    """A unit file without a column makes the chunked scan fall back to union_by_name, in
+    whichever reader meets it."""
+    monkeypatch.setattr(compact_module, "CHUNK_FILES", chunk_files)
+    root, _ = built
+    unit = root.tables / "videos" / "big" / "u005.parquet"
+    pq.write_table(pq.read_table(unit).drop_columns(["duration_s"]), unit)
+    Catalog(root).refresh()
+    legacy = snapshot(root)
+    assert Catalog(root).rows("SELECT DISTINCT duration_s FROM videos WHERE unit = 'u005'") == [(None,)]
+    assert Catalog(root).rows("SELECT count(*) FROM videos WHERE unit <> 'u005' AND duration_s IS NULL") == [(0,)]
+    compact_all(root)
+    assert not unit.exists(), "the unit file was compacted"
+    assert snapshot(root) == legacy
 
 
 def test_a_part_written_before_a_column_existed_reads_as_null_and_is_rewritten(built):

@@ -65,6 +65,10 @@ FANOUT = 4
 AUTO_MIN_UNITS = 32
 ROW_GROUP_ROWS = 128 * 1024  # several row groups per part file, so a scan of one file uses every core
 REMOVE_BATCH = 2000  # files removed per hold of the file lock: queries wait for one batch at most
+# Unit files are read in chunks of CHUNK_FILES, each chunk by its own DuckDB connection, READERS
+# at a time (see `_read_chunked`).
+READERS = max(1, min(4, os.cpu_count() or 1))
+CHUNK_FILES = 2048
 
 # Row order inside a part: what lookups filter on, so Parquet statistics skip row groups.
 SORT_KEYS = {"videos": "video_id, ingested_at", "frame_samples": "shard, video_id", "token_samples": "shard, video_id"}
@@ -121,11 +125,46 @@ def _sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join(_literal(p) for p in paths) + "]"
 
 
-def _glob_or_none(folder: Path, pattern: str) -> str | None:
-    """`folder/pattern` as a DuckDB glob literal if it matches a file (DuckDB refuses an empty glob)."""
-    if folder.is_dir() and next(folder.glob(pattern), None) is not None:
-        return _literal(folder / pattern)
-    return None
+def _files(folder: Path, pattern: str) -> list[Path]:
+    """The files matching `folder/pattern`, in name order (the temporary files of atomic writes
+    end in `.partial` and never match a `*.parquet` pattern)."""
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def _read_chunked(con: duckdb.DuckDBPyConnection, table: str, schema_file: Path, files: list[Path],
+                  select: Callable[[str], str], params: dict, readers: int) -> None:
+    """CREATE TEMP TABLE `table` from `select(files_sql)` (a query over `read_parquet(files_sql,
+    ...)`) run over `files` in chunks, the table's schema file first in each chunk so that its
+    types hold even where no file matched, each chunk on a connection of its own, `readers` at a
+    time, inserted into `con` as they arrive (`readers` 1: one chunk after another).
+
+    Why not one query: DuckDB spends about 0.45 ms on each 31-column rows file and 0.3 ms on each
+    marker file, much of it one file after another whatever its thread count, so one query over a
+    HowTo100M dataset's 75,000 unit files leaves cores idle. Separate connections share nothing
+    and read side by side: a lone compaction of 300,000 videos' ingest took 14.0 s with two
+    readers and 15.5 s with one on 2 cores (bench/RESULTS.md, "Catalog at scale"). A reader's
+    error (a schema mismatch, which `_scan` answers with union_by_name) is raised here."""
+    chunks = [files[i : i + CHUNK_FILES] for i in range(0, len(files), CHUNK_FILES)] or [[]]
+    threads = max(1, (os.cpu_count() or 1) // readers)
+
+    def read(chunk: list[Path]):
+        reader = duckdb.connect(":memory:")
+        try:
+            reader.execute("SET TimeZone = 'UTC'")
+            reader.execute(f"SET threads = {threads}")
+            reader.execute("SET preserve_insertion_order = false")
+            return reader.sql(select(_sql_list([schema_file, *chunk])), params=params).to_arrow_table()
+        finally:
+            reader.close()
+
+    with ThreadPoolExecutor(min(readers, len(chunks))) as pool:
+        for i, rows in enumerate(pool.map(read, chunks)):
+            con.register("_chunk", rows)
+            try:
+                con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM _chunk" if i == 0
+                            else f"INSERT INTO {table} SELECT * FROM _chunk")
+            finally:
+                con.unregister("_chunk")
 
 
 def _tier(rows: int, fanout: int) -> int:
@@ -139,14 +178,16 @@ def _new_cid(parts: dict[str, _Part]) -> str:
 
 class _Compactor:
     def __init__(self, root: DataRoot, stage: str, dataset: str, *, target_rows: int, fanout: int, remove_batch: int,
-                 on_step: Callable[[str], None] | None):
+                 readers: int, on_step: Callable[[str], None] | None):
         if stage not in UNIT_TABLES:
             raise ValueError(f"cannot compact stage {stage!r}: only {', '.join(UNIT_TABLES)} commit units")
         if target_rows < 1 or fanout < 2:
             raise ValueError(f"compaction needs target_rows >= 1 and fanout >= 2, got {target_rows} and {fanout}")
+        if readers < 1:
+            raise ValueError(f"compaction needs readers >= 1, got {readers}")
         self.root, self.stage, self.dataset = root, stage, dataset
         self.table = UNIT_TABLES[stage]
-        self.target_rows, self.fanout, self.remove_batch = target_rows, fanout, remove_batch
+        self.target_rows, self.fanout, self.remove_batch, self.readers = target_rows, fanout, remove_batch, readers
         self.on_step = on_step or (lambda step: None)
         self.rows_dir = compacted_dir(root.home, self.table, dataset)
         self.marks_dir = compacted_dir(root.home, "shards", dataset, stage)
@@ -184,40 +225,39 @@ class _Compactor:
         home = self.root.home
         by_name = str(union_by_name).lower()
         cols = _columns_of("shards", "m")
-        schema = _literal(self.root.table_dir("shards", "_schema", "_schema.parquet"))
-        sources = [f"SELECT {cols}, NULL::VARCHAR AS compaction, NULL::VARCHAR AS file FROM read_parquet({schema}) m"]
         # Every stage names a unit's marker `<dataset>--...` (stages/*/stage.py): globbing the
         # dataset's own reads one dataset's markers, not the whole stage's (a small dataset beside
         # HowTo100M would otherwise read 75,000 files to compact 800); the WHERE below stays the rule.
-        unit_marks = _glob_or_none(self.root.table_dir("shards", self.stage), f"{self.dataset}--*.parquet")
-        if unit_marks:
-            sources.append(f"""SELECT {cols}, NULL::VARCHAR AS compaction, m.filename AS file
-                FROM read_parquet([{schema}, {unit_marks}], union_by_name={by_name}, filename=true) m
-                WHERE m.dataset = $dataset AND m.stage = $stage""")
+        unit_marks = _files(self.root.table_dir("shards", self.stage), f"{self.dataset}--*.parquet")
         self.parts = self._list_parts()
         part_marks = [p.marks_file for p in self.parts.values() if p.marks_file is not None]
-        if part_marks:
-            files = _sql_list([compacted_schema_path(home, "shards"), *part_marks])
-            sources.append(f"""SELECT {cols}, m.compaction, m.filename AS file
-                FROM read_parquet({files}, union_by_name=true, filename=true) m
-                WHERE m.dataset = $dataset AND m.stage = $stage""")
-        params = {"dataset": self.dataset, "stage": self.stage} if len(sources) > 1 else {}
+        params = {"dataset": self.dataset, "stage": self.stage}
         # The stage's marker folder holds every dataset's markers, which their own compactions
         # remove: read it as a query does. The rows and parts read below are this (stage,
         # dataset)'s own, which only the holder of its stage lock writes or removes.
         with reading_files(self.root):
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE marks AS {' UNION ALL '.join(sources)}", params)
+            _read_chunked(self.con, "unit_marks", self.root.table_dir("shards", "_schema", "_schema.parquet"), unit_marks,
+                          lambda files: f"""SELECT {cols}, NULL::VARCHAR AS compaction, m.filename AS file
+                              FROM read_parquet({files}, union_by_name={by_name}, filename=true) m
+                              WHERE m.dataset = $dataset AND m.stage = $stage""", params, self.readers)
+            sources = ["SELECT * FROM unit_marks"]
+            if part_marks:
+                files = _sql_list([compacted_schema_path(home, "shards"), *part_marks])
+                sources.append(f"""SELECT {cols}, m.compaction, m.filename AS file
+                    FROM read_parquet({files}, union_by_name=true, filename=true) m
+                    WHERE m.dataset = $dataset AND m.stage = $stage""")
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE marks AS {' UNION ALL '.join(sources)}",
+                             params if part_marks else {})
+        self.con.execute("DROP TABLE unit_marks")
         self.con.execute("""CREATE OR REPLACE TEMP VIEW live_marks AS
             SELECT * FROM marks QUALIFY row_number() OVER (
                 PARTITION BY unit, created_at ORDER BY compaction DESC NULLS LAST) = 1""")
         base, depth = LOCATIONS[self.table]
-        schema = _literal(home / base / Path(*(["_schema"] * depth)) / "_schema.parquet")
-        rows_glob = _glob_or_none(home / base / self.dataset, "/".join(["*"] * (depth - 1) + ["*.parquet"]))
-        files = f"[{schema}, {rows_glob}]" if rows_glob else schema
-        self.con.execute(f"""CREATE OR REPLACE TEMP TABLE staged AS
-            SELECT {_columns_of(self.table, 'r')}, r.filename AS file
-            FROM read_parquet({files}, union_by_name={by_name}, filename=true) r WHERE r.dataset = $dataset""",
-                         {"dataset": self.dataset})
+        rows_files = _files(home / base / self.dataset, "/".join(["*"] * (depth - 1) + ["*.parquet"]))
+        _read_chunked(self.con, "staged", home / base / Path(*(["_schema"] * depth)) / "_schema.parquet", rows_files,
+                      lambda files: f"""SELECT {_columns_of(self.table, 'r')}, r.filename AS file
+                          FROM read_parquet({files}, union_by_name={by_name}, filename=true) r WHERE r.dataset = $dataset""",
+                      {"dataset": self.dataset}, self.readers)
         self.con.execute("""CREATE OR REPLACE TEMP VIEW unit_rows AS
             SELECT file, unit, count(*) AS n FROM staged GROUP BY ALL""")
         # The markers in files of their own that a new part takes over: those whose rows are in
@@ -436,7 +476,7 @@ class _Compactor:
 
 
 def compact_locked(root: DataRoot, stage: str, dataset: str, *, min_units: int = 1, target_rows: int = TARGET_ROWS,
-                   fanout: int = FANOUT, remove_batch: int = REMOVE_BATCH, summaries: bool = True,
+                   fanout: int = FANOUT, remove_batch: int = REMOVE_BATCH, readers: int = READERS, summaries: bool = True,
                    on_step: Callable[[str], None] | None = None) -> CompactionResult:
     """Compact one stage's units of one dataset, then rewrite the dataset's status summaries of
     that stage; the caller holds that stage's lock on the dataset (a stage at the end of its
@@ -444,7 +484,7 @@ def compact_locked(root: DataRoot, stage: str, dataset: str, *, min_units: int =
     killed compaction left is always cleaned up. `on_step` hears each step ("scanned", "wrote
     <part file>", "rows written", "committed", "removed N of M", "done")."""
     compactor = _Compactor(root, stage, dataset, target_rows=target_rows, fanout=fanout, remove_batch=remove_batch,
-                           on_step=on_step)
+                           readers=readers, on_step=on_step)
     try:
         result = compactor.run(min_units)
     finally:
@@ -508,6 +548,9 @@ def compact_all(root: DataRoot, *, datasets: list[str] | None = None, wait: bool
     files); then the catalog file's views, so that a DuckDB client opening it reads the
     compacted files (binding views is cheap once the files are few)."""
     pairs = [(stage, dataset) for stage, dataset in compactable(root) if not datasets or dataset in datasets]
+    # Two compactions at a time share the cores: half the readers each (on 2 cores one each, which
+    # measured as fast as two each at 1.2M videos: bench/RESULTS.md).
+    kwargs.setdefault("readers", max(1, READERS // 2))
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(compact, root, stage, dataset, wait=wait, summaries=False, **kwargs) for stage, dataset in pairs]
         results = []
