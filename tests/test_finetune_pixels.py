@@ -329,3 +329,21 @@ def test_scratch_pixels_trains_a_random_encoder_of_its_preset_on_the_scratch_sch
         GridModel(ref="scratch-pixels:large")
     grid = build(GridConfig, {"models": ["scratch", "scratch-pixels:micro"], "datasets": ["toy"]})
     assert [m.ref for m in grid.models] == ["scratch", "scratch-pixels:micro"]
+
+
+def test_a_scratch_pixels_cell_is_keyed_by_what_its_preset_builds_not_by_its_name(toy, monkeypatch):
+    """Redefining a pretrain-pixels preset (another clip length here) must not hand the
+    `scratch-pixels:PRESET` row the cached results of the encoder the preset used to build."""
+    import stages.config as config_module
+
+    cfg = micro()
+    selection = select_frame_split(toy, "toy", "1")
+    protocol = protocol_for(cfg, False)
+    before = pixel_cell_keys(cfg, "scratch-pixels:micro", "toy", selection, 1, protocol)
+    pretrained = pixel_cell_keys(cfg, "pix0000000000000", "toy", selection, 1, protocol)
+    assert before == pixel_cell_keys(cfg, "scratch-pixels:micro", "toy", selection, 1, protocol), "keys are stable"
+    redefined = {**config_module.PRESETS["pretrain-pixels"]["micro"]}
+    redefined["data"] = {**redefined["data"], "frames": 8}
+    monkeypatch.setitem(config_module.PRESETS["pretrain-pixels"], "micro", redefined)
+    assert pixel_cell_keys(cfg, "scratch-pixels:micro", "toy", selection, 1, protocol) != before
+    assert pixel_cell_keys(cfg, "pix0000000000000", "toy", selection, 1, protocol) == pretrained, "checkpoints keep their keys"

@@ -97,6 +97,14 @@ def test_ranks_split_the_videos_and_an_epoch_is_a_function_of_its_seed(frames):
     assert first[0]["videos"].shape == (4, 3, 4, SIZE, SIZE)  # 2 videos x repeat 2
 
 
+def test_the_run_key_holds_the_frame_size_trained_at_whether_or_not_the_config_names_it(frames):
+    """A standalone run (the only frame size there is) and the pipeline's (data.size set to
+    frames.size) of the same model are one run; another config is another."""
+    implicit = pixel_run(frames, ["tex"], micro()).run_key
+    assert pixel_run(frames, ["tex"], micro(f"data.size={SIZE}")).run_key == implicit
+    assert pixel_run(frames, ["tex"], micro("model.mask_ratio=0.5")).run_key != implicit
+
+
 def test_recipe_presets_hold_the_reference_numbers():
     """mae_st's PRETRAIN.md / main_pretrain.py and HVM-1's recipe (issue 17)."""
     mae_st = build(PixelPretrainConfig, preset("pretrain-pixels", "mae_st"))

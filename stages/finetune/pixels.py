@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from models.classifier import PixelClassifier, PixelClassifierConfig
+from models.st_mae import PRESETS as ST_MAE_PRESETS
 from models.st_mae import STMAEConfig, STMAEEncoder, load_encoder_state
 from stages.checkpoints import read_checkpoint, strip_prefixes
 from stages.config import (SCRATCH_PIXELS, ConfigError, FinetuneConfig, PixelPretrainConfig, build, config_hash, preset,
@@ -154,9 +155,22 @@ def pixel_model_config(cfg: FinetuneConfig, selection: SplitSelection, pretraine
         raise ConfigError(f"fine-tune model on {ref}: {e}") from None
 
 
+def scratch_pixels_digest(name: str) -> str:
+    """What the encoder of a `scratch-pixels:NAME` row is made of, hashed: the pretrain-pixels
+    preset's model settings, the ST-MAE preset behind them and its clips' frames, frame step and
+    size. Its cells' run keys hold it, so redefining the preset gives new cells rather than the
+    results of the encoder it used to name."""
+    cfg = build(PixelPretrainConfig, preset("pretrain-pixels", name))
+    blob = json.dumps([cfg.model.model_dump(mode="json"), ST_MAE_PRESETS[cfg.model.preset]().to_dict(), cfg.data.frames,
+                       cfg.data.frame_step, cfg.data.size], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def pixel_cell_keys(cfg: FinetuneConfig, identity: str, dataset: str, selection: SplitSelection, world_size: int,
                     protocol: Protocol) -> tuple[str, str]:
     """(run key, eval id) of a pixel cell; the family is part of both. Pure: `vimpac plan` calls it."""
+    if (scratch := scratch_pixels_preset(identity)) is not None:
+        identity = f"{identity}@{scratch_pixels_digest(scratch)}"
     blob = json.dumps([CODE_VERSION, FAMILY, config_hash(cfg), identity, dataset, selection.split, _fingerprint(selection.shards),
                        world_size, selection.classes], separators=(",", ":"))
     run_key = hashlib.sha256(blob.encode()).hexdigest()[:16]

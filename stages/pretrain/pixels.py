@@ -101,7 +101,10 @@ def pixel_run(root: DataRoot, datasets: list[str], cfg: PixelPretrainConfig, wor
     except ValueError as e:
         raise ConfigError(str(e)) from None
     fingerprint = shard_fingerprint(s.unit for s in shards)
-    key = hashlib.sha256(json.dumps([CODE_VERSION, config_hash(cfg), fingerprint, world_size]).encode()).hexdigest()[:16]
+    # Keyed by the frame size it trains at, not by whether the config named it: a standalone run
+    # (the only size there is) and the pipeline's (frames.size) of the same model share one run.
+    resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"size": shards[0].size})})
+    key = hashlib.sha256(json.dumps([CODE_VERSION, config_hash(resolved), fingerprint, world_size]).encode()).hexdigest()[:16]
     return PixelRun(run_key=key, data_fingerprint=fingerprint, run_dir=root.home / "checkpoints" / "pretrain-pixels" / key,
                     shards=shards)
 
