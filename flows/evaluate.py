@@ -30,7 +30,7 @@ from stages.config import ConfigError, DatasetConfig, GridConfig, GridModel, bui
 from stages.finetune.grid import BAG_OF_CODES, PROBE, Cell, expand_grid, recipe_configs
 from stages.finetune.probe import bag_of_codes_cell, probe_cells
 from stages.finetune.splits import dataset_tokenizers
-from stages.finetune.train import SCRATCH, TOKEN_FAMILY, ModelSource, finetune_cell, source_family
+from stages.finetune.train import SCRATCH, TOKEN_FAMILY, ModelSource, finetune_cell, record_grid_cells, source_family
 from stages.pretrain.pixels import FAMILY as PIXEL_FAMILY
 from warehouse.catalog import Catalog
 from warehouse.layout import DataRoot
@@ -91,6 +91,7 @@ def _run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: boo
         if cell.kind == BAG_OF_CODES:
             result = bag_of_codes_cell(root, cell.dataset, cell.split, cell.config, grid=grid_name, reporter=ctx.reporter, force=force,
                                        run_id=ctx.record.run_id)
+            record_grid_cells(root, grid_name, cell.dataset, [result.eval_id], ctx.record.run_id)
             ctx.record.summary = result.summary()
             return result.summary()
         source = resolve_model(cell.model)
@@ -98,6 +99,7 @@ def _run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: boo
             results = probe_cells(root, source, cell.dataset, cell.split, cell.config, methods=cell.methods, grid=grid_name,
                                   reporter=ctx.reporter, force=force, run_id=ctx.record.run_id, device=_probe_device(cell))
             ctx.set_run_name(f"probe-{results[0].pretrain_recipe}-{cell.dataset}-s{results[0].split}")
+            record_grid_cells(root, grid_name, cell.dataset, [r.eval_id for r in results], ctx.record.run_id)
             summary = {"cached": all(r.cached for r in results), "dataset": cell.dataset, "split": results[0].split,
                        "pretrain_recipe": results[0].pretrain_recipe, "seed": cell.seed,
                        **{f"{r.protocol}/{k}": v for r in results for k, v in r.metrics.items()}}
@@ -110,6 +112,7 @@ def _run_cell(cell: Cell, home: str, grid_name: str, experiment: str, force: boo
         ctx.record.summary = summary
         if result.checkpoint is not None and result.checkpoint.name == "last.pt":
             raise RuntimeError(f"{cell.label}: training stopped early at step {result.steps}; run the grid again to continue")
+        record_grid_cells(root, grid_name, cell.dataset, [result.eval_id], ctx.record.run_id)
         return summary
 
 

@@ -9,6 +9,7 @@ import yaml
 from finetune_fixtures import labeled_dataset
 from flows.cli import load_grid, main
 from stages.config import ConfigError
+from stages.evaluate.report import build_report
 from test_finetune import pretrain_checkpoint
 from warehouse.catalog import Catalog
 
@@ -63,6 +64,18 @@ def test_two_by_two_grid_runs_once_and_the_second_run_does_no_work(prefect_harne
     assert "mp-only" in out and "alpha" in out and "beta" in out
     markdown = (root.home / "reports" / "results-g2x2-top1.md").read_text()
     assert "| mp-only |" in markdown and "| Pretraining | alpha | beta |" in markdown
+
+    # A second grid naming a cell the first computed finds it evaluated, and its report holds it
+    # (the result row keeps the grid that computed it; grid_cells records the second).
+    other = grid_file.parent / "other.yaml"
+    other.write_text(yaml.safe_dump({"name": "other", "models": [{"ref": "ckpts/b.pt", "name": "mp-only"}],
+                                     "datasets": [{"name": "alpha", "splits": [1]}], "presets": ["micro"]}))
+    shared = evaluate(load_grid(other, ["train.epochs=2"]), str(root.home))
+    assert [c["cached"] for c in shared["cells"].values()] == [True]
+    assert Catalog(root).rows("SELECT DISTINCT grid FROM results") == [("g2x2",)]
+    assert Catalog(root).rows("SELECT grid, count(*) FROM grid_cells GROUP BY grid ORDER BY grid") == [("g2x2", 4), ("other", 1)]
+    other_report = build_report(Catalog(root), metric="top1", grid="other").to_markdown()
+    assert "| mp-only |" in other_report and "micro-4x32-mp+cl" not in other_report and "beta" not in other_report
 
 
 @pytest.mark.slow

@@ -205,6 +205,8 @@ def view_ddl(root: DataRoot) -> list[str]:
                    CASE WHEN {_LEGACY_RESULT} THEN protocol ELSE view_protocol END AS view_protocol, seed, n_train
             FROM results_log
             QUALIFY row_number() OVER (PARTITION BY eval_id, metric ORDER BY created_at DESC) = 1""",
+        f"""CREATE OR REPLACE VIEW grid_cells AS
+            SELECT grid, eval_id, dataset, min(created_at) AS created_at FROM {src('grid_cells')} GROUP BY ALL""",
         f"CREATE OR REPLACE VIEW predictions_log AS SELECT * FROM {src('predictions')}",
         # Predictions are written before their results file: only evaluations whose results
         # exist (committed) are visible, and of those the newest write.

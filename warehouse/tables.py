@@ -184,6 +184,18 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("n_train", pa.int64()),
         ]
     ),
+    # Which evaluations a grid covers: one row per (grid, eval_id), written whenever a grid runs a
+    # cell or finds it already evaluated (another grid's, or an earlier run's), so a grid's report
+    # holds every cell it names, not only those it computed (results.grid is the first grid only).
+    "grid_cells": pa.schema(
+        [
+            ("grid", pa.string()),
+            ("eval_id", pa.string()),
+            ("dataset", pa.string()),
+            ("run_id", pa.string()),
+            ("created_at", TS),
+        ]
+    ),
     # One row per evaluated video: fused prediction plus every view's softmax scores, so a result
     # can be re-fused under another view protocol without running the model again.
     "predictions": pa.schema(
@@ -272,6 +284,8 @@ LOCATIONS: dict[str, tuple[str, int]] = {
     # tables/results/<dataset>/<eval_id>.parquet, tables/predictions/<dataset>/<eval_id>.parquet
     "results": ("tables/results", 1),
     "predictions": ("tables/predictions", 1),
+    # tables/grid_cells/<dataset>/<grid hash>-<eval_id>.parquet
+    "grid_cells": ("tables/grid_cells", 1),
     # shards/frames/<dataset>/<variant>/NNNNN.parquet
     "frame_samples": ("shards/frames", 2),
     # shards/tokens/<dataset>/<variant>/NNNNN.parquet

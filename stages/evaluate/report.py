@@ -63,7 +63,8 @@ def confidence_interval(mean: float, sd: float | None, n: int) -> tuple[float, f
 # Everything below `picked` averages in SQL, in levels: repeated evaluations of one split (say
 # fine-tuning rerun under a new eval_id) first, so every split weighs the same; then the splits
 # of one seed; then the seeds. Each (row, dataset, view protocol) is its own group, so a cell
-# never mixes view protocols. Parameters: unnamed-recipe label, metric, grid x2, datasets x2.
+# never mixes view protocols. Parameters: unnamed-recipe label, metric, grid x3 (the grid that
+# computed a result, or one that found it evaluated: grid_cells), datasets x2.
 _PER_SPLIT_SQL = """
 WITH raw AS (
     SELECT coalesce(pretrain_recipe, ?) AS recipe, pretrain_run, finetune_recipe,
@@ -71,7 +72,7 @@ WITH raw AS (
            dataset, coalesce(split, '') AS split, seed, value, n_classes
     FROM results
     WHERE metric = ? AND value IS NOT NULL
-      AND (?::VARCHAR IS NULL OR grid = ?)
+      AND (?::VARCHAR IS NULL OR grid = ? OR eval_id IN (SELECT eval_id FROM grid_cells WHERE grid = ?))
       AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], dataset))
 ), several_runs AS (
     -- A recipe pretrained once per seed has a pretraining run per seed: those runs are its
@@ -489,7 +490,7 @@ def build_report(
     """
     wanted = list(dict.fromkeys(datasets)) if datasets is not None else None
     k = 5 if metric == "top5" else 1
-    params = [NO_RECIPE, metric, grid, grid, wanted, wanted]
+    params = [NO_RECIPE, metric, grid, grid, grid, wanted, wanted]
     table = catalog.query(_CELLS_SQL, params + [k, k])
     label = METRIC_LABELS.get(metric, metric)
     title = f"Downstream {label} (%) by pretraining recipe"
@@ -598,7 +599,7 @@ PRETRAIN_COLUMNS = (("eval_mask_acc", "val mask acc", 100, 1), ("eval_mask_acc_u
 
 _RUNS_OF_RECIPES_SQL = """
 SELECT DISTINCT coalesce(pretrain_recipe, ?) AS recipe, pretrain_run FROM results
-WHERE metric = ? AND (?::VARCHAR IS NULL OR grid = ?) AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], dataset))
+WHERE metric = ? AND (?::VARCHAR IS NULL OR grid = ? OR eval_id IN (SELECT eval_id FROM grid_cells WHERE grid = ?)) AND (?::VARCHAR[] IS NULL OR list_contains(?::VARCHAR[], dataset))
 """
 
 

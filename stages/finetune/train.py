@@ -770,6 +770,19 @@ def write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelecti
     return {k: float(v) for k, v in metrics.items()}
 
 
+def record_grid_cells(root: DataRoot, grid: str, dataset: str, eval_ids: list[str], run_id: str | None) -> None:
+    """That `grid` covers these evaluations (the `grid_cells` table), run now or found evaluated
+    already, by another grid or an earlier run: the grid's report then holds every cell it names,
+    whichever grid computed it. One file per (grid, eval_id), written once."""
+    if not grid:
+        return
+    tag = hashlib.sha256(grid.encode()).hexdigest()[:8]
+    for eval_id in dict.fromkeys(eval_ids):
+        path = root.table_dir("grid_cells", dataset, f"{tag}-{eval_id}.parquet")
+        if not path.exists():
+            write_rows("grid_cells", [{"grid": grid, "eval_id": eval_id, "dataset": dataset, "run_id": run_id, "created_at": now()}], path)
+
+
 def _write_evaluation(root: DataRoot, result: CellResult, selection: SplitSelection, scores: EvalScores, protocol: Protocol,
                       source: ModelSource, grid: str, run_id: str | None, run_dir: Path, reporter: Reporter, seed: int) -> dict[str, float]:
     """The fine-tuned cell's results and predictions, then its confusion matrix and per-class CSV."""
