@@ -126,9 +126,11 @@ def _sql_list(paths: list[Path]) -> str:
 
 
 def _files(folder: Path, pattern: str) -> list[Path]:
-    """The files matching `folder/pattern`, in name order (the temporary files of atomic writes
-    end in `.partial` and never match a `*.parquet` pattern)."""
-    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+    """The files matching `folder/pattern`, in name order, leaving out hidden names: the temporary
+    files of atomic writes (`.<name>.<id>.partial`) and anything under a hidden folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _read_chunked(con: duckdb.DuckDBPyConnection, table: str, schema_file: Path, files: list[Path],
