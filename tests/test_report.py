@@ -650,3 +650,33 @@ def test_pretrain_metric_columns_sit_beside_downstream_accuracy(catalog):
     table = report.to_arrow().to_pylist()
     assert next(r for r in table if r["recipe"] == "mp+cl")["val CL loss"] == "1.05"
     assert "| val mask acc | val uncopyable acc | val CL loss |" in report.to_markdown()
+
+
+def test_a_grid_report_holds_cells_another_grid_computed(catalog):
+    from stages.finetune.train import record_grid_cells
+
+    shared = add(catalog, "ucf101", "1", "scratch", 0.40, grid="table7")
+    add(catalog, "ucf101", "1", "mp-iid", 0.55, grid="table8")
+    add(catalog, "ucf101", "1", "cl", 0.50, grid="table7")
+    record_grid_cells(catalog.root, "table8", "ucf101", [shared, shared], "run-8")
+    record_grid_cells(catalog.root, "table8", "ucf101", [shared], "run-9")  # found again: still one row
+    assert catalog.rows("SELECT grid, eval_id FROM grid_cells") == [("table8", shared)]
+    rows = {r["recipe"] for r in build_report(catalog, metric="top1", grid="table8", baseline="scratch").to_arrow().to_pylist()}
+    assert {"scratch", "mp-iid"} <= rows and "cl" not in rows
+
+
+def test_a_read_only_data_root_older_than_a_table_still_answers_queries(catalog, monkeypatch):
+    import shutil
+
+    add(catalog, "ucf101", "1", "scratch", 0.40)
+    # As a version before `grid_cells` left it: no schema file, no catalog file with its views;
+    # and read-only, so neither can be written (as on a shared mount; chmod does not stop root).
+    shutil.rmtree(catalog.root.tables / "grid_cells")
+    catalog.root.catalog_path.unlink(missing_ok=True)
+
+    def read_only(self):
+        raise PermissionError(f"read-only file system: {self.root.home}")
+
+    monkeypatch.setattr(Catalog, "ensure_tables", read_only)
+    assert catalog.rows("SELECT count(*) FROM grid_cells") == [(0,)]
+    assert len(build_report(catalog, metric="top1", grid="g").to_arrow()) >= 1

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from warehouse.layout import DataRoot
 from warehouse.tables import (
     COMPACTED,
+    LOCATIONS,
     SCHEMAS,
     UNIT_TABLES,
     compacted_glob,
@@ -39,6 +40,7 @@ from warehouse.tables import (
     compacted_schema_path,
     ensure_compacted_schema_file,
     ensure_schema_file,
+    schema_path,
     table_glob,
 )
 
@@ -98,6 +100,12 @@ def view_ddl(root: DataRoot) -> list[str]:
         return path.replace("'", "''")
 
     def src(table: str) -> str:
+        base, depth = LOCATIONS[table]
+        if not schema_path(root.home, table).exists() and next((root.home / base).glob("*/" * depth + "*.parquet"), None) is None:
+            # A table newer than a data root opened where its schema file cannot be written
+            # (read-only): no rows, with the columns it would have.
+            cols = ", ".join(f'NULL::{_sql_type(f.type)} AS "{f.name}"' for f in SCHEMAS[table])
+            return f"(SELECT {cols} WHERE false)"
         return f"read_parquet('{quoted(table_glob(root.home, table))}', union_by_name=true)"
 
     def compacted(table: str) -> str:

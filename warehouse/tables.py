@@ -329,12 +329,17 @@ def compacted_schema_path(home: Path, name: str) -> Path:
     return compacted_dir(home, name, SCHEMA_PARTITION, SCHEMA_PARTITION) / "_schema.parquet"
 
 
+def schema_path(home: Path, name: str) -> Path:
+    """Where a table's zero-row schema file lives (`ensure_schema_file`)."""
+    base, depth = LOCATIONS[name]
+    return home / base / Path(*(["_schema"] * depth)) / "_schema.parquet"
+
+
 def ensure_schema_file(home: Path, name: str) -> Path:
     """A zero-row file where the table's glob finds it, so its view has every column even
     before the first write (DuckDB refuses a glob that matches nothing), and so a column
     added in a newer version reads as NULL in files written before it."""
-    base, depth = LOCATIONS[name]
-    path = home / base / Path(*(["_schema"] * depth)) / "_schema.parquet"
+    path = schema_path(home, name)
     if not path.exists() or not pq.read_schema(path).equals(SCHEMAS[name], check_metadata=False):
         write_parquet_atomic(SCHEMAS[name].empty_table(), path)
     return path
