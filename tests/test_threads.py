@@ -292,7 +292,7 @@ def test_parallel_grid_cells_split_the_share(policy, monkeypatch, tmp_path):
         if kwargs["grid"] == "pair":
             meet.wait(timeout=30)
         seen.append(torch.get_num_threads())
-        return SimpleNamespace(pretrain_recipe="scratch", split="1", finetune_recipe="tiny", checkpoint=None,
+        return SimpleNamespace(eval_id=f"e-{kwargs['grid']}", pretrain_recipe="scratch", split="1", finetune_recipe="tiny", checkpoint=None,
                                summary=lambda: {"threads": seen[-1]})
 
     monkeypatch.setattr(ev, "get_run_logger", lambda: logging.getLogger("test"))
