@@ -99,21 +99,24 @@ def view_ddl(root: DataRoot) -> list[str]:
     def quoted(path: str) -> str:
         return path.replace("'", "''")
 
+    def no_rows(schema: pa.Schema) -> str:
+        """An empty relation with `schema`'s columns (for files a read-only root cannot get)."""
+        cols = ", ".join(f'NULL::{_sql_type(f.type)} AS "{f.name}"' for f in schema)
+        return f"(SELECT {cols} WHERE false)"
+
     def src(table: str) -> str:
         base, depth = LOCATIONS[table]
         if not schema_path(root.home, table).exists() and next((root.home / base).glob("*/" * depth + "*.parquet"), None) is None:
             # A table newer than a data root opened where its schema file cannot be written
             # (read-only): no rows, with the columns it would have.
-            cols = ", ".join(f'NULL::{_sql_type(f.type)} AS "{f.name}"' for f in SCHEMAS[table])
-            return f"(SELECT {cols} WHERE false)"
+            return no_rows(SCHEMAS[table])
         return f"read_parquet('{quoted(table_glob(root.home, table))}', union_by_name=true)"
 
     def compacted(table: str) -> str:
         if not compacted_schema_path(root.home, table).exists():
             # A data root that was never compacted, opened where its schema files cannot be
             # written (read-only): no compacted rows, with the columns they would have.
-            cols = ", ".join(f'NULL::{_sql_type(f.type)} AS "{f.name}"' for f in compacted_schema(table))
-            return f"(SELECT {cols} WHERE false)"
+            return no_rows(compacted_schema(table))
         partitions = "{'dataset': 'VARCHAR', 'stage': 'VARCHAR'}" if table == "shards" else "{'dataset': 'VARCHAR'}"
         # union_by_name opens every file when the query is bound, before a filter on dataset
         # drops folders; without it only the first file (the schema file) is. So it is used
