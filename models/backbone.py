@@ -197,13 +197,15 @@ class MultiPatternAttention(nn.Module):
         """x: (B, T, H, W, D), cls: (B, D), keep: (B, T, H, W) bool or None (no padding)."""
         b, t, h, w, _ = x.shape
         xin, cin = (self.norm(x), self.norm(cls)) if self.pre_norm else (x, cls)
-        qkv = self.qkv(xin).view(b, t, h, w, 3, self.n_heads, self.head_dim)  # (B, T, H, W, 3, h, d)
-        cls_qkv = self.qkv(cin).view(b, 3, self.n_heads, self.head_dim)  # (B, 3, h, d)
+        n_patterns = len(self.axes)
+        qkv = self.qkv(xin).view(b, t, h, w, 3, n_patterns, self.heads_per_pattern, self.head_dim)  # (B, T, H, W, 3, P, h, d)
+        cls_qkv = self.qkv(cin).view(b, 3, n_patterns, self.heads_per_pattern, self.head_dim)  # (B, 3, P, h, d)
+        # unbind, not slicing: the backward of each slice writes a zero-filled gradient of qkv's full
+        # size and adds into it (six per block); unbind's backward is one stack.
         grids, clss = [], []
-        for i, axes in enumerate(self.axes):
-            heads = slice(i * self.heads_per_pattern, (i + 1) * self.heads_per_pattern)
-            q, k, v = qkv[..., 0, heads, :], qkv[..., 1, heads, :], qkv[..., 2, heads, :]
-            g, c = self._attend(q, k, v, cls_qkv[:, :, heads], keep, axes)
+        for axes, part, cls_part in zip(self.axes, qkv.unbind(5), cls_qkv.unbind(2)):
+            q, k, v = part.unbind(4)  # each (B, T, H, W, h, d)
+            g, c = self._attend(q, k, v, cls_part, keep, axes)
             grids.append(g)
             clss.append(c)
         grid = torch.cat(grids, dim=-2).reshape(b, t, h, w, -1)  # (B, T, H, W, A): heads concatenated
