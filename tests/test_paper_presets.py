@@ -114,6 +114,19 @@ def test_every_shipped_grid_file_validates(path):
         build(FinetuneConfig, deep_merge(base, grid.finetune), list(grid.set))
 
 
+def test_indomain_demo_grid_is_the_pretrain_length_grids_longest_recipe():
+    """`vimpac demo --grid grids/indomain-demo.yaml` and the pretraining-length study share the
+    12-minute pretraining run: same config for seed 0, so either finds the other's run cached."""
+    from flows.cli import load_grid
+    from stages.finetune.grid import recipe_configs
+
+    grids = Path(__file__).resolve().parents[1] / "grids"
+    one = {c.model_dump_json() for _, seed, c in recipe_configs(load_grid(grids / "indomain-demo.yaml", [])) if seed == 0}
+    study = {m.name: c.model_dump_json() for m, seed, c in recipe_configs(load_grid(grids / "pretrain-length-demo.yaml", []))
+             if seed == 0}
+    assert one == {study["tiny-mp+cl-indomain-2880"]}
+
+
 def test_vimpac_config_shows_a_presets_table_4_numbers(capsys, tmp_path):
     import json
 
