@@ -200,8 +200,8 @@ class MultiPatternAttention(nn.Module):
         n_patterns = len(self.axes)
         qkv = self.qkv(xin).view(b, t, h, w, 3, n_patterns, self.heads_per_pattern, self.head_dim)  # (B, T, H, W, 3, P, h, d)
         cls_qkv = self.qkv(cin).view(b, 3, n_patterns, self.heads_per_pattern, self.head_dim)  # (B, 3, P, h, d)
-        # unbind, not slicing: the backward of each slice writes a zero-filled gradient of qkv's full
-        # size and adds into it (six per block); unbind's backward is one stack.
+        # unbind, not slicing: the backward of each slice (q, k, v and [CLS] of every pattern) writes a
+        # zero-filled gradient of qkv's full size and adds into it; unbind's backward stacks the parts.
         grids, clss = [], []
         for axes, part, cls_part in zip(self.axes, qkv.unbind(5), cls_qkv.unbind(2)):
             q, k, v = part.unbind(4)  # each (B, T, H, W, h, d)
