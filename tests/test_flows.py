@@ -127,6 +127,20 @@ def test_cli_ingest_sql_status_with_state_in_the_data_root(tmp_path):
     assert bad_key.returncode == 2 and "batch_sise" in bad_key.stderr
 
 
+@pytest.mark.parametrize("stage", ["ingest", "frames"])
+def test_a_single_stage_run_imports_its_flow_and_not_the_model_code(stage, tmp_path):
+    """`vimpac run ingest|frames` load only their own flow: importing every flow module (torch,
+    einx, the models) added about 6 s to each of these runs (bench/RESULTS.md, stop 28)."""
+    code = ("import sys; from flows.cli import _STAGE_FLOWS, _flows; "
+            f"module, name = _STAGE_FLOWS[{stage!r}]; root, flows = _flows(sys.argv[1], module); "
+            "assert callable(getattr(getattr(flows, module), name)); "
+            "print(' '.join(m for m in ('torch', 'flows.pipeline', 'flows.evaluate', 'flows.pretrain') if m in sys.modules) or 'none')")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")], env=_clean_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["none"], out.stdout
+
+
 def test_killed_run_then_rerun_gives_the_same_catalog(prefect_harness, tmp_path):
     from flows.ingest import ingest
 
