@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -191,9 +192,10 @@ def evaluate(grid: GridConfig, home: str | None = None, force: bool = False) -> 
                 failed.append(f"{c.label}: its recipe was not pretrained")
         cells = applicable(runnable, grid, root, logger)
         args = (str(root.home), grid.name, grid.experiment, force)
-        if grid.parallel > 1:
+        parallel = cells_at_once(grid.parallel, logger.warning)
+        if parallel > 1:
             futures = [run_cell.with_options(task_run_name=f"{c.dataset}-{c.split}-{c.preset}").submit(
-                _on_device(c, i, grid.parallel), *args, parallel=grid.parallel) for i, c in enumerate(cells)]
+                _on_device(c, i, parallel), *args, parallel=parallel) for i, c in enumerate(cells)]
             states = [f.wait() or f.state for f in futures]
         else:
             states = [run_cell(c, *args, return_state=True) for c in cells]
@@ -237,6 +239,25 @@ def applicable(cells: list[Cell], grid: GridConfig, root: DataRoot, logger) -> l
                     f"{cell.dataset} to get it)")
     skipped = {id(c) for c in bags}
     return [c for c in cells if id(c) not in skipped]
+
+
+def cells_at_once(parallel: int, warn: Callable[[str], None]) -> int:
+    """`parallel`, at most one cell per GPU (1 without two GPUs): no two cells share a device. Cells running at once are threads
+    of this process, and fine-tuning seeds and draws from torch's global generators (the
+    classifier's initialisation, dropout): on a shared device each cell's random stream then
+    depends on when the others draw, so the same grid gave a different table on every run
+    (measured on CPU: one seed moved by up to 10 points; bench/RESULTS.md, stop 28). With a GPU
+    per cell, dropout draws from each device's own generator, but the initialisation and the
+    reseeding in seed_everything still touch shared generators: not yet reproducible either
+    (not measured here, for want of a multi-GPU machine)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    at_once = min(parallel, gpus) if gpus >= 2 else 1
+    if at_once < parallel:
+        warn(f"parallel: {parallel} lowered to {at_once} ({gpus} GPUs): cells sharing a device would share torch's random "
+             "generators, and their results would depend on thread timing")
+    return at_once
 
 
 def _on_device(cell: Cell, index: int, parallel: int) -> Cell:

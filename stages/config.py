@@ -622,7 +622,8 @@ class GridConfig(StrictModel):
     pretrain: GridPretrain | None = Field(None, description="Base of the recipe rows' pretraining (required when a model has `pretrain:`).")
     pretrain_pixels: GridPixelPretrain | None = Field(
         None, description="Base of the pixel recipe rows' ST-MAE pretraining (required when a model has `pretrain_pixels:`).")
-    parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several; CPU: 1).")
+    parallel: int = operational(1, ge=1, description="Cells run at once, one per GPU; with fewer than 2 GPUs cells run one "
+                                "at a time (sharing a device, they would share torch's random generators).")
     experiment: str = operational("vimpac", description="MLflow experiment.")
 
     _plain_refs = field_validator("models", mode="before")(_short_models)
@@ -672,7 +673,8 @@ class PipelineEvaluate(StrictModel):
     protocols: list[EvalMethod] = Field(default_factory=lambda: ["finetune"], min_length=1,
                                         description="finetune, linear_probe, knn, bag_of_codes (see the evaluate flow's grid).")
     seeds: list[int] | None = Field(None, description="Run every cell and every recipe's pretraining once per seed.")
-    parallel: int = operational(1, ge=1, description="Cells run at once (one per GPU when several).")
+    parallel: int = operational(1, ge=1, description="Cells run at once, one per GPU; with fewer than 2 GPUs cells run one "
+                                "at a time (sharing a device, they would share torch's random generators).")
 
     _plain_refs = field_validator("models", mode="before")(_short_models)
     _plain_names = field_validator("datasets", mode="before")(_short_datasets)

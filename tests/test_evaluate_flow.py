@@ -93,6 +93,21 @@ def test_one_failed_cell_does_not_lose_the_others(prefect_harness, root, grid_fi
     assert len(failed) == 2 and all("vocabulary of 128 codes" in e for (e,) in failed)
 
 
+@pytest.mark.parametrize("gpus, parallel, expected", [(0, 1, 1), (0, 2, 1), (1, 4, 1), (2, 2, 2), (2, 4, 2), (8, 3, 3)])
+def test_cells_run_at_once_only_one_per_gpu(monkeypatch, gpus, parallel, expected):
+    """Cells running at once share torch's global random generators on a shared device (the same
+    grid gave another table on every run): no two share one, and a lowered `parallel` is logged."""
+    import torch
+
+    from flows.evaluate import cells_at_once
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    warnings: list[str] = []
+    assert cells_at_once(parallel, warnings.append) == expected
+    assert len(warnings) == (expected < parallel)
+    assert all(f"parallel: {parallel} lowered to {expected}" in w for w in warnings)
+
+
 def test_grid_typos_fail_before_any_cell_runs(root, grid_file):
     from stages.finetune.grid import expand_grid
 
