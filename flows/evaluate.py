@@ -242,14 +242,14 @@ def applicable(cells: list[Cell], grid: GridConfig, root: DataRoot, logger) -> l
 
 
 def cells_at_once(parallel: int, warn: Callable[[str], None]) -> int:
-    """`parallel`, at most one cell per GPU (1 without two GPUs): no two cells share a device. Cells running at once are threads
-    of this process, and fine-tuning seeds and draws from torch's global generators (the
-    classifier's initialisation, dropout): on a shared device each cell's random stream then
-    depends on when the others draw, so the same grid gave a different table on every run
-    (measured on CPU: one seed moved by up to 10 points; bench/RESULTS.md, stop 28). With a GPU
-    per cell, dropout draws from each device's own generator, but the initialisation and the
-    reseeding in seed_everything still touch shared generators: not yet reproducible either
-    (not measured here, for want of a multi-GPU machine)."""
+    """`parallel`, lowered to at most one cell per GPU (1 without two GPUs) so no two cells
+    share a device. Cells running at once are threads of this process, and fine-tuning seeds and
+    draws from torch's global generators (the classifier's initialisation, dropout): on a shared
+    device each cell's random stream depends on when the others draw, and the same grid gave
+    different tables run to run (on CPU one seed moved by up to 10 points; bench/RESULTS.md,
+    stop 28). With a GPU per cell, dropout draws from each device's own generator, but the
+    initialisation and the reseeding in seed_everything still touch shared generators: not yet
+    reproducible either (not measured, for want of a multi-GPU machine)."""
     import torch
 
     gpus = torch.cuda.device_count()
