@@ -20,6 +20,7 @@ from stages.config import (
     STAGES,
     ConfigError,
     LAYOUTS,
+    PIXEL_STAGE,
     DatasetConfig,
     GridConfig,
     PipelineConfig,
@@ -131,12 +132,6 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-# The flow of each single-stage `vimpac run STAGE`: (module under flows/, flow function).
-_STAGE_FLOWS = {"ingest": ("ingest", "ingest"), "frames": ("frames", "frames"), "tokenizer": ("tokenizer", "tokenizer"),
-                "tokenize": ("tokenizer", "tokenize"), "pretrain": ("pretrain", "pretrain"),
-                "pretrain-pixels": ("pretrain", "pretrain_pixels")}
-
-
 def _flows(home: str | None, *modules: str):
     """Set Prefect/MLflow state under the data root (before Prefect is imported: it reads its
     settings then), then import the named flow modules only: importing every flow costs about
@@ -150,6 +145,15 @@ def _flows(home: str | None, *modules: str):
     for module in modules:
         importlib.import_module(f"flows.{module}")
     return root, flows
+
+
+def _stage_flow(home: str | None, stage: str):
+    """The data root and the flow of `vimpac run STAGE`, its module alone imported: the
+    deployments' table (flows/serve.py) names each stage's flow; pretrain-pixels is not served."""
+    from flows.serve import SPECS, load_flow
+
+    root, _ = _flows(home)
+    return root, load_flow("flows.pretrain:pretrain_pixels" if stage == PIXEL_STAGE else SPECS[stage].flow)
 
 
 def _has_tokens(home: str | None, dataset: str) -> bool:
@@ -266,9 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stage in ("pretrain", "pretrain-pixels") and int(os.environ.get("RANK", "0")) > 0:
         return _pretrain_worker_rank(args, stage_cfg)
     dataset = _dataset_from_args(args, file_data)
-    module, flow_name = _STAGE_FLOWS[args.stage]
-    root, flows = _flows(args.home, module)
-    stage_flow = getattr(getattr(flows, module), flow_name)
+    root, stage_flow = _stage_flow(args.home, args.stage)
     # --dask, else a pipeline file's top-level `dask:` (flows/dask_runner.py).
     dask = getattr(args, "dask", None) or (file_data.get("dask") if args.stage in ("ingest", "frames", "tokenize") else None)
     if dask:

@@ -261,11 +261,9 @@ def cells_at_once(parallel: int, warn: Callable[[str], None]) -> int:
 
 
 def _on_device(cell: Cell, index: int, parallel: int) -> Cell:
-    """With several GPUs, cell i trains on GPU i mod parallel (unless its config names a device)."""
-    import torch
-
-    n = torch.cuda.device_count()
-    if cell.config.train.device != "auto" or n < 2:
+    """Cell i trains on GPU i mod parallel (unless its config names a device); `parallel` is
+    at most the number of GPUs (cells_at_once)."""
+    if cell.config.train.device != "auto":
         return cell
-    train = cell.config.train.model_copy(update={"device": f"cuda:{index % min(n, parallel)}"})
+    train = cell.config.train.model_copy(update={"device": f"cuda:{index % parallel}"})
     return dataclasses.replace(cell, config=cell.config.model_copy(update={"train": train}))

@@ -43,7 +43,8 @@ SPECS: dict[str, DeploymentSpec] = {
 }
 
 
-def _load_flow(ref: str):
+def load_flow(ref: str):
+    """The flow `module:function` names, importing that module only."""
     import importlib
 
     module, _, name = ref.partition(":")
@@ -68,7 +69,7 @@ def build_deployments(root: DataRoot, pipeline: PipelineConfig | None = None, na
     deployments = []
     for name in names or list(SPECS):
         spec = SPECS[name]
-        flow = _load_flow(spec.flow)
+        flow = load_flow(spec.flow)
         deployments.append(flow.to_deployment(
             name=DEPLOYMENT,
             description=flow.description,

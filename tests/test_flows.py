@@ -131,9 +131,8 @@ def test_cli_ingest_sql_status_with_state_in_the_data_root(tmp_path):
 def test_a_single_stage_run_imports_its_flow_and_not_the_model_code(stage, tmp_path):
     """`vimpac run ingest|frames` load only their own flow: importing every flow module (torch,
     einx, the models) added about 6 s to each of these runs (bench/RESULTS.md, stop 28)."""
-    code = ("import sys; from flows.cli import _STAGE_FLOWS, _flows; "
-            f"module, name = _STAGE_FLOWS[{stage!r}]; root, flows = _flows(sys.argv[1], module); "
-            "assert callable(getattr(getattr(flows, module), name)); "
+    code = ("import sys; from flows.cli import _stage_flow; "
+            f"root, flow = _stage_flow(sys.argv[1], {stage!r}); assert flow.name == {stage!r}; "
             "print(' '.join(m for m in ('torch', 'flows.pipeline', 'flows.evaluate', 'flows.pretrain') if m in sys.modules) or 'none')")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")], env=_clean_env(tmp_path / "home"),
                          capture_output=True, text=True, timeout=120)

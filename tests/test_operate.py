@@ -279,7 +279,7 @@ def test_every_stage_is_a_deployment_with_a_described_form(tmp_path):
     from flows.env import configure_environment
 
     root = configure_environment(tmp_path / "home")
-    from flows.serve import SPECS, _load_flow, build_deployments
+    from flows.serve import SPECS, build_deployments, load_flow
     from stages.config import STAGES
 
     deployments = {d.flow_name: d for d in build_deployments(root)}
@@ -292,7 +292,7 @@ def test_every_stage_is_a_deployment_with_a_described_form(tmp_path):
         # The defaults fill the form and are valid input for the flow.
         assert d.parameters["home"] == str(root.home)
         required = {"dataset": {"name": "x", "source": "/videos"}, "grid": {"name": "g", "models": ["scratch"], "datasets": ["x"]}}
-        flow = _load_flow(SPECS[name].flow)
+        flow = load_flow(SPECS[name].flow)
         flow.validate_parameters(d.parameters | {k: v for k, v in required.items() if k in schema["properties"]})
 
 
