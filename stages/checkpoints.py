@@ -114,3 +114,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AMX tiles or AVX512-BF16).
+    Without them torch emulates bf16 autocast on the CPU, slower than fp32, so it stays off."""
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and bool(probe()) for probe in probes)

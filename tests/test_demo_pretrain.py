@@ -26,7 +26,7 @@ def test_demo_dag_pretrains_something_real_and_fills_the_results_catalog(prefect
     home = tmp_path / "home"
     datasets = generate_demo_corpus(tmp_path / "corpus", seed=0)
     # CI time: the demo's stages took 6-8 min on one core (tokenizer and pretraining 144 s each).
-    cfg = resolve_pipeline(demo_pipeline_file(tmp_path / "corpus", datasets), ["tokenizer.steps=150", "pretrain.train.epochs=150"])
+    cfg = resolve_pipeline(demo_pipeline_file(tmp_path / "corpus", datasets), ["tokenizer.steps=300", "pretrain.train.epochs=150"])
     # The pretraining set and one labeled set.
     evaluate = cfg.evaluate.model_copy(update={"set": ["train.epochs=2"]})
     cfg = cfg.model_copy(update={"datasets": [d for d in cfg.datasets if d.name in ("demo-pretrain", "demo-motion")],

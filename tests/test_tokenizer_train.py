@@ -164,6 +164,32 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(data):
     assert got["metadata"]["metrics"] == reference["metadata"]["metrics"]
 
 
+@pytest.mark.parametrize("cpu_bf16, amp, trains_in_bf16", [(True, True, True), (False, True, False), (True, False, False)])
+def test_training_on_a_cpu_uses_bf16_autocast_only_where_the_cpu_has_bf16_units(data, monkeypatch, cpu_bf16, amp, trains_in_bf16):
+    """A CPU without bf16 units would emulate it (slower than fp32); evaluation, like the tokenize
+    stage on a CPU, stays fp32 either way, so the reported PSNR is that of the tokens users get."""
+    from stages.tokenizer import train as stage
+
+    training, evaluation = [], []
+    loss, evaluate_frames = stage.ReconstructionObjective.loss, stage.evaluate_frames
+
+    def spy_loss(self, net, batch, context, k):
+        training.append(torch.is_autocast_enabled("cpu"))
+        return loss(self, net, batch, context, k)
+
+    def spy_evaluate(model, frames, device, amp=False, **kw):
+        evaluation.append(amp)
+        return evaluate_frames(model, frames, device, amp, **kw)
+
+    monkeypatch.setattr(stage, "cpu_has_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(stage.ReconstructionObjective, "loss", spy_loss)
+    monkeypatch.setattr(stage, "evaluate_frames", spy_evaluate)
+    rep = RecordingReporter()
+    out = train_tokenizer(data, ["tex"], tiny(steps=3, amp=amp), reporter=rep, force=True)
+    assert out.steps == 3 and training == [trains_in_bf16] * 3 and evaluation and not any(evaluation)
+    assert ("bf16 autocast" if trains_in_bf16 else "on cpu, fp32") in rep.text()
+
+
 def test_bad_checkpoints_are_refused_by_name(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(ValueError, match="nope.pt"):
