@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import os
 import re
@@ -132,18 +131,17 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flows(home: str | None, *modules: str):
+def _flows(home: str | None):
     """Set Prefect/MLflow state under the data root (before Prefect is imported: it reads its
-    settings then), then import the named flow modules only: importing every flow costs about
-    6 s of torch and model code that `vimpac run ingest` or `frames` never uses (measured: 8.9 s
-    for flows.pipeline against 3.1 s for flows.ingest)."""
+    settings then) and return the `flows` package, whose flow modules load on first use
+    (flows/__init__.py): importing every flow costs about 6 s of torch and model code that
+    `vimpac run ingest` or `frames` never uses (measured: 8.9 s for flows.pipeline against 3.1 s
+    for flows.ingest)."""
     from flows.env import configure_environment
 
     root = configure_environment(home)
     import flows
 
-    for module in modules:
-        importlib.import_module(f"flows.{module}")
     return root, flows
 
 
@@ -232,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.grid:
             raise ConfigError("vimpac run evaluate needs --grid FILE (models, datasets and splits; see README)")
         grid = load_grid(args.grid, overrides)
-        root, flows = _flows(args.home, "evaluate")
+        root, flows = _flows(args.home)
         outcome = flows.evaluate.evaluate(grid, str(root.home), args.force)
         print(f"{len(outcome['cells'])} cells done; report: vimpac report --grid {grid.name}")
         cmd_report(argparse.Namespace(home=str(root.home), metric="top1", grid=grid.name, out=None))
@@ -245,7 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not cfg.datasets:
             raise ConfigError("the pipeline has no datasets: give --config FILE naming some")
         _config_threads(cfg.threads)
-        root, flows = _flows(args.home, "pipeline")
+        root, flows = _flows(args.home)
         flows.pipeline.pipeline(cfg, str(root.home), args.force)
         return 0
     if not args.dataset:
@@ -319,7 +317,7 @@ def _finetune_one(args: argparse.Namespace, overrides: list[str]) -> int:
         finetune_cell(DataRoot(args.home), source, cell.dataset, cell.split, cell.config, preset=cell.preset, grid=grid.name,
                       force=args.force)
         return 0
-    root, flows = _flows(args.home, "evaluate")
+    root, flows = _flows(args.home)
     outcome = flows.evaluate.evaluate(grid, str(root.home), args.force)
     print(json.dumps(outcome["cells"], indent=1, default=str))
     return 0
@@ -491,7 +489,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = resolve_pipeline(config_file, list(args.set or []) + ([DEMO_DATA_STAGES] if grid else []))
     _config_threads(cfg.threads)
     print(f"[2/3] running the pipeline ({', '.join(cfg.stages)}) from {config_file}")
-    root, flows = _flows(str(root.home), "pipeline", "evaluate")
+    root, flows = _flows(str(root.home))
     flows.pipeline.pipeline(cfg, str(root.home), args.force)
     if grid is not None:
         print(f"[2/3] running grid {grid.name} from {args.grid}")
@@ -506,7 +504,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_tokens_png(args: argparse.Namespace) -> int:
     """Decode a video's tokens back to frames through the tokenizer's decoder."""
-    root, flows = _flows(args.home, "tokenizer")
+    root, flows = _flows(args.home)
     from stages.tokenize.render import render_tokens
     from stages.tokenize.stage import pick_device
 

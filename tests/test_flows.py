@@ -140,6 +140,20 @@ def test_a_single_stage_run_imports_its_flow_and_not_the_model_code(stage, tmp_p
     assert out.stdout.split() == ["none"], out.stdout
 
 
+def test_flow_modules_load_on_first_use_through_the_package(tmp_path):
+    """bench/effect.py reached `flows.pipeline` through the package without importing it first
+    and stopped with an AttributeError (stop 29): the package imports a flow module when it is
+    first reached, and not before."""
+    code = ("import sys; from flows.cli import _flows; root, flows = _flows(sys.argv[1]); "
+            "before = 'torch' in sys.modules; "
+            "assert flows.pipeline.pipeline.name == 'pipeline' and flows.evaluate.evaluate.name == 'evaluate'; "
+            "print(before, 'torch' in sys.modules, hasattr(flows, 'no_such_flow'))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "home")], env=_clean_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True", "False"], out.stdout
+
+
 def test_killed_run_then_rerun_gives_the_same_catalog(prefect_harness, tmp_path):
     from flows.ingest import ingest
 
