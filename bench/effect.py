@@ -12,8 +12,8 @@ grid the report (mean +- std over seeds, n) and the paired differences against `
 95% confidence intervals. `--record` appends the tables, the machine and the wall time to
 bench/RESULTS.md. The third default grid, grids/st-mae-demo.yaml, puts HVM-1's ST-MAE rows (pixels,
 pretrained and from scratch) beside the token scratch row (issue 17). Measured on an idle 2-core CPU
-with 3 seeds: Table 7 23 min, Table 8 6 min, ST-MAE 16 min alone (its token scratch cells are Table
-7's, cached), about 45 minutes in all.
+with 3 seeds: Table 7 23-28 min, Table 8 6-7 min, ST-MAE 13-16 min alone (its token scratch cells are
+Table 7's, cached), 45-51 minutes in all.
 """
 
 from __future__ import annotations
