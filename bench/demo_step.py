@@ -5,8 +5,8 @@
 The step is the pretrain stage's tiny MP+CL recipe on the demo's tokens: 5 x 8 x 8 tokens (64 px
 frames through the tiny tokenizer), 512 codes, two clips per video, 15% of tokens masked, the
 model's forward (token and contrastive losses), backward and an AdamW step; the mask is drawn
-token by token (not the stage's blocks) and gradients are not clipped, neither of which is a
-measurable share of the step. Tokens are uniform random codes: a step's time does not depend on them.
+token by token (not the stage's blocks) and gradients are not clipped; masks and the optimizer
+are a few percent of a step (stop 27's profile). Tokens are uniform random codes: a step's time does not depend on them.
 
 Rows, each with its own freshly built model (seed 0):
 - eager fp32 at batch 8 (the demo's recipe): the baseline;
